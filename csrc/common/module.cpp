@@ -1,0 +1,81 @@
+// The Python module `mtmerge._C`: build facts for `mtmerge info`.
+//
+// The ops themselves are registered with the dispatcher by TORCH_LIBRARY_IMPL blocks in
+// each family's sources (e.g. csrc/merge/select.cpp); importing this module loads them.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common/simd.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string compiler_name() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+py::dict cpu_features() {
+  py::dict features;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  features["sse4.2"] = static_cast<bool>(__builtin_cpu_supports("sse4.2"));
+  features["avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
+  features["fma"] = static_cast<bool>(__builtin_cpu_supports("fma"));
+  features["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
+  features["avx512bw"] = static_cast<bool>(__builtin_cpu_supports("avx512bw"));
+#elif defined(__aarch64__)
+  features["neon"] = true;
+#endif
+  return features;
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["compiler"] = compiler_name();
+#ifdef MTMERGE_CXX_FLAGS
+  info["cxx_flags"] = MTMERGE_CXX_FLAGS;
+#else
+  info["cxx_flags"] = "";
+#endif
+  info["cplusplus"] = static_cast<long>(__cplusplus);
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["openmp_version"] = static_cast<int>(_OPENMP);
+  info["openmp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["openmp_version"] = 0;
+  info["openmp_max_threads"] = 1;
+#endif
+#if MTMERGE_HAS_CLONES
+  info["multiversioned_isas"] = py::make_tuple("default", "avx2", "avx512f");
+#else
+  info["multiversioned_isas"] = py::make_tuple("default");
+#endif
+  info["cpu_features"] = cpu_features();
+#ifdef MTMERGE_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mtmerge compiled kernels; ops are reached through torch.ops.mtmerge";
+  m.def("build_info", &build_info, "Compiler, flags, OpenMP and CPU features of this build.");
+}

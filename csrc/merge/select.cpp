@@ -1,0 +1,497 @@
+// Exact top-k selection by magnitude: CPU kernels for
+//   mtmerge::magnitude_threshold(Tensor[] xs, int k, str selection) -> (Tensor, Tensor)
+//   mtmerge::threshold_mask(Tensor[] xs, Tensor threshold, Tensor ties_kept, str selection,
+//                           bool packed) -> Tensor[]
+// Semantics: mtmerge/reference/merge.py. Schemas: mtmerge/_library.py.
+//
+// Radix selection on bit patterns. For IEEE floats with the sign bit cleared, the unsigned
+// integer order of the bit pattern is the order of |x| (+inf included; NaN sorts above inf
+// and is rejected). So the k-th largest |x| is found digit by digit, most significant first:
+// one histogram of the top digit over all the data, pick the bin that holds the k-th
+// largest, then resolve the next digit among the entries of that bin only. After the first
+// pass the entries of the chosen bin are usually few, so they are copied into a small
+// candidate buffer and the later digits never touch the full data again.
+//
+// Determinism: every reduction here is an integer count, merged in any order to the same
+// value, so results do not depend on the thread count or chunking.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string_view>
+#include <vector>
+
+#include "common/simd.h"
+
+namespace mtmerge {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Hot loops. Each is compiled per ISA (MTMERGE_CLONES); the bodies are templates on the key
+// width (uint32_t for fp32, uint16_t for bf16/fp16), force-inlined into each clone.
+// ---------------------------------------------------------------------------------------
+
+// Counts digits of |x| keys: hist[(key >> shift) & digit_mask] for keys whose bits under
+// prefix_mask equal prefix. Also counts keys above inf_key (NaN) when count_nan is set.
+// Two interleaved sub-histograms halve the store-to-load dependency chains.
+template <typename K>
+MTMERGE_ALWAYS_INLINE void histogram_body(const K* keys, int64_t n, uint32_t abs_mask,
+                                          uint32_t prefix, uint32_t prefix_mask, int shift,
+                                          uint32_t digit_mask, uint32_t inf_key, int64_t* hist,
+                                          int64_t* nan_count) {
+  constexpr int64_t kFlushEvery = int64_t(1) << 30;  // keep uint32 sub-counts from overflowing
+  const int64_t nbins = int64_t(digit_mask) + 1;
+  std::vector<uint32_t> sub(2 * nbins);
+  uint32_t* h0 = sub.data();
+  uint32_t* h1 = sub.data() + nbins;
+  int64_t nan = 0;
+  for (int64_t start = 0; start < n; start += kFlushEvery) {
+    const int64_t stop = std::min(n, start + kFlushEvery);
+    std::fill(sub.begin(), sub.end(), 0u);
+    if (prefix_mask == 0) {
+      int64_t i = start;
+      for (; i + 1 < stop; i += 2) {
+        const uint32_t a = uint32_t(keys[i]) & abs_mask;
+        const uint32_t b = uint32_t(keys[i + 1]) & abs_mask;
+        nan += (a > inf_key) + (b > inf_key);
+        ++h0[(a >> shift) & digit_mask];
+        ++h1[(b >> shift) & digit_mask];
+      }
+      for (; i < stop; ++i) {
+        const uint32_t a = uint32_t(keys[i]) & abs_mask;
+        nan += a > inf_key;
+        ++h0[(a >> shift) & digit_mask];
+      }
+    } else {
+      for (int64_t i = start; i < stop; ++i) {
+        const uint32_t a = uint32_t(keys[i]) & abs_mask;
+        if ((a & prefix_mask) == prefix) ++h0[(a >> shift) & digit_mask];
+      }
+    }
+    for (int64_t b = 0; b < nbins; ++b) hist[b] += int64_t(h0[b]) + int64_t(h1[b]);
+  }
+  *nan_count += nan;
+}
+
+// Appends the |x| keys whose bits under prefix_mask equal prefix to out; returns how many.
+template <typename K>
+MTMERGE_ALWAYS_INLINE int64_t gather_body(const K* keys, int64_t n, uint32_t abs_mask,
+                                          uint32_t prefix, uint32_t prefix_mask, K* out) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const K a = K(uint32_t(keys[i]) & abs_mask);
+    out[count] = a;  // branch-free compaction: written always, kept only on a match
+    count += (uint32_t(a) & prefix_mask) == prefix;
+  }
+  return count;
+}
+
+template <typename K>
+MTMERGE_ALWAYS_INLINE int64_t count_equal_body(const K* keys, int64_t n, uint32_t abs_mask,
+                                               uint32_t t) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += (uint32_t(keys[i]) & abs_mask) == t;
+  return count;
+}
+
+// out[i] = |x_i| > t (or >= t when geq), as bytes 0/1.
+template <typename K>
+MTMERGE_ALWAYS_INLINE void compare_body(const K* keys, int64_t n, uint32_t abs_mask, uint32_t t,
+                                        bool geq, bool* out) {
+  if (geq) {
+    for (int64_t i = 0; i < n; ++i) out[i] = (uint32_t(keys[i]) & abs_mask) >= t;
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = (uint32_t(keys[i]) & abs_mask) > t;
+  }
+}
+
+// Same comparison, bit-packed: bit j of out[i] is entry 8i+j (numpy bitorder="little").
+template <typename K>
+MTMERGE_ALWAYS_INLINE void compare_packed_body(const K* keys, int64_t n, uint32_t abs_mask,
+                                               uint32_t t, bool geq, uint8_t* out) {
+  const uint32_t bound = geq ? t : t + 1;  // key > t  <=>  key >= t + 1 (t <= inf, no wrap)
+  const int64_t full_bytes = n / 8;
+  for (int64_t i = 0; i < full_bytes; ++i) {
+    uint32_t byte = 0;
+    for (int j = 0; j < 8; ++j) byte |= uint32_t((uint32_t(keys[8 * i + j]) & abs_mask) >= bound) << j;
+    out[i] = uint8_t(byte);
+  }
+  if (n % 8) {
+    uint32_t byte = 0;
+    for (int64_t j = 0; j < n % 8; ++j) byte |= uint32_t((uint32_t(keys[8 * full_bytes + j]) & abs_mask) >= bound) << j;
+    out[full_bytes] = uint8_t(byte);
+  }
+}
+
+#define MTMERGE_STAMP_KEY_LOOPS(K, SUFFIX)                                                        \
+  MTMERGE_CLONES void histogram_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,             \
+                                         uint32_t prefix, uint32_t prefix_mask, int shift,        \
+                                         uint32_t digit_mask, uint32_t inf_key, int64_t* hist,    \
+                                         int64_t* nan_count) {                                    \
+    histogram_body<K>(keys, n, abs_mask, prefix, prefix_mask, shift, digit_mask, inf_key, hist,   \
+                      nan_count);                                                                 \
+  }                                                                                               \
+  MTMERGE_CLONES int64_t gather_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,             \
+                                         uint32_t prefix, uint32_t prefix_mask, K* out) {         \
+    return gather_body<K>(keys, n, abs_mask, prefix, prefix_mask, out);                           \
+  }                                                                                               \
+  MTMERGE_CLONES int64_t count_equal_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,        \
+                                              uint32_t t) {                                       \
+    return count_equal_body<K>(keys, n, abs_mask, t);                                             \
+  }                                                                                               \
+  MTMERGE_CLONES void compare_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask, uint32_t t,   \
+                                       bool geq, bool* out) {                                     \
+    compare_body<K>(keys, n, abs_mask, t, geq, out);                                              \
+  }                                                                                               \
+  MTMERGE_CLONES void compare_packed_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,        \
+                                              uint32_t t, bool geq, uint8_t* out) {               \
+    compare_packed_body<K>(keys, n, abs_mask, t, geq, out);                                       \
+  }
+
+MTMERGE_STAMP_KEY_LOOPS(uint32_t, u32)
+MTMERGE_STAMP_KEY_LOOPS(uint16_t, u16)
+#undef MTMERGE_STAMP_KEY_LOOPS
+
+// Overloads so the templated drivers below can call the stamped loops by key type.
+struct Loops32 {
+  static constexpr auto histogram = histogram_u32;
+  static constexpr auto gather = gather_u32;
+  static constexpr auto count_equal = count_equal_u32;
+  static constexpr auto compare = compare_u32;
+  static constexpr auto compare_packed = compare_packed_u32;
+};
+struct Loops16 {
+  static constexpr auto histogram = histogram_u16;
+  static constexpr auto gather = gather_u16;
+  static constexpr auto count_equal = count_equal_u16;
+  static constexpr auto compare = compare_u16;
+  static constexpr auto compare_packed = compare_packed_u16;
+};
+
+// ---------------------------------------------------------------------------------------
+// Key formats per dtype.
+// ---------------------------------------------------------------------------------------
+
+struct Digit {
+  int shift;
+  int bits;
+};
+
+struct KeyFormat {
+  uint32_t abs_mask;  // clears the sign bit
+  uint32_t inf_key;   // bit pattern of +inf; anything above is NaN
+  std::vector<Digit> digits;  // most significant first, covering every bit of abs_mask
+};
+
+KeyFormat key_format(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:  // 31 bits: 11 + 11 + 9; 2048 bins of uint32 fit in L1
+      return {0x7fffffffu, 0x7f800000u, {{20, 11}, {9, 11}, {0, 9}}};
+    case at::kBFloat16:
+      return {0x7fffu, 0x7f80u, {{7, 8}, {0, 7}}};
+    case at::kHalf:
+      return {0x7fffu, 0x7c00u, {{7, 8}, {0, 7}}};
+    default:
+      break;
+  }
+  TORCH_CHECK_TYPE(false, "x must be float32, bfloat16 or float16, got ", dtype);
+  return {};  // unreachable
+}
+
+// ---------------------------------------------------------------------------------------
+// A list of tensors seen as one flat vector of keys, walked in chunks.
+// ---------------------------------------------------------------------------------------
+
+template <typename K>
+struct KeySegments {
+  std::vector<const K*> data;
+  std::vector<int64_t> offsets;  // offsets[i] = flat index where segment i starts; back() = total
+
+  int64_t total() const { return offsets.back(); }
+
+  // Calls fn(ptr, len) for each piece of segments overlapping the flat range [begin, end).
+  template <typename Fn>
+  void for_each_piece(int64_t begin, int64_t end, Fn&& fn) const {
+    auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
+    for (size_t s = size_t(it - offsets.begin()) - 1; s < data.size() && offsets[s] < end; ++s) {
+      const int64_t lo = std::max(begin, offsets[s]);
+      const int64_t hi = std::min(end, offsets[s + 1]);
+      if (hi > lo) fn(data[s] + (lo - offsets[s]), hi - lo);
+    }
+  }
+};
+
+constexpr int64_t kGrain = int64_t(1) << 16;
+
+template <typename K, typename Loops>
+std::vector<int64_t> parallel_histogram(const KeySegments<K>& segs, const KeyFormat& fmt,
+                                        uint32_t prefix, uint32_t prefix_mask, Digit digit,
+                                        int64_t* nan_count) {
+  const int64_t nbins = int64_t(1) << digit.bits;
+  const uint32_t digit_mask = uint32_t(nbins - 1);
+  std::vector<int64_t> hist(nbins, 0);
+  std::mutex merge_lock;
+  at::parallel_for(0, segs.total(), kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> local(nbins, 0);
+    int64_t local_nan = 0;
+    segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
+      Loops::histogram(p, len, fmt.abs_mask, prefix, prefix_mask, digit.shift, digit_mask,
+                       fmt.inf_key, local.data(), &local_nan);
+    });
+    std::lock_guard<std::mutex> guard(merge_lock);  // integer sums: order does not matter
+    for (int64_t b = 0; b < nbins; ++b) hist[b] += local[b];
+    *nan_count += local_nan;
+  });
+  return hist;
+}
+
+template <typename K, typename Loops>
+std::vector<K> parallel_gather(const KeySegments<K>& segs, const KeyFormat& fmt, uint32_t prefix,
+                               uint32_t prefix_mask, int64_t expected) {
+  std::vector<K> out;
+  out.reserve(size_t(expected));
+  std::mutex merge_lock;
+  at::parallel_for(0, segs.total(), kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<K> local(size_t(end - begin));
+    int64_t count = 0;
+    segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
+      count += Loops::gather(p, len, fmt.abs_mask, prefix, prefix_mask, local.data() + count);
+    });
+    std::lock_guard<std::mutex> guard(merge_lock);  // candidate order is irrelevant: only counts are used
+    out.insert(out.end(), local.begin(), local.begin() + count);
+  });
+  return out;
+}
+
+struct Selected {
+  uint32_t key;     // the rank-th largest |x| key
+  int64_t greater;  // entries with a larger key
+  int64_t equal;    // entries with exactly this key
+};
+
+// The rank-th largest |x| key (1 <= rank <= n) over all segments.
+template <typename K, typename Loops>
+Selected select_rank_from_top(const KeySegments<K>& all, const KeyFormat& fmt, int64_t rank) {
+  KeySegments<K> source = all;
+  std::vector<K> candidates;
+  uint32_t prefix = 0, prefix_mask = 0;
+  int64_t greater = 0, equal = 0, remaining = rank;
+  for (size_t level = 0; level < fmt.digits.size(); ++level) {
+    const Digit digit = fmt.digits[level];
+    int64_t nan_count = 0;
+    std::vector<int64_t> hist =
+        parallel_histogram<K, Loops>(source, fmt, prefix, prefix_mask, digit, &nan_count);
+    TORCH_CHECK_VALUE(nan_count == 0, "x contains ", nan_count,
+                      " NaN value(s); magnitude selection is undefined for NaN");
+    // Walk bins from the top until the bin that holds the remaining-th largest entry.
+    int64_t above = 0;
+    int64_t bin = int64_t(hist.size()) - 1;
+    while (bin > 0 && above + hist[bin] < remaining) above += hist[bin--];
+    greater += above;
+    remaining -= above;
+    equal = hist[bin];
+    prefix |= uint32_t(bin) << digit.shift;
+    prefix_mask |= uint32_t(hist.size() - 1) << digit.shift;
+    // Few entries share the chosen prefix: copy them once, resolve the rest there.
+    const bool more_levels = level + 1 < fmt.digits.size();
+    if (more_levels && candidates.empty() && equal <= all.total() / 8) {
+      candidates = parallel_gather<K, Loops>(source, fmt, prefix, prefix_mask, equal);
+      source.data = {candidates.data()};
+      source.offsets = {0, int64_t(candidates.size())};
+    }
+  }
+  return {prefix, greater, equal};
+}
+
+// ---------------------------------------------------------------------------------------
+// Op: magnitude_threshold
+// ---------------------------------------------------------------------------------------
+
+enum class Selection { kExact, kGeq };
+
+Selection parse_selection(std::string_view selection) {
+  if (selection == "exact") return Selection::kExact;
+  if (selection == "geq") return Selection::kGeq;
+  TORCH_CHECK_VALUE(false, "selection must be 'exact' or 'geq', got '", std::string(selection), "'");
+  return Selection::kExact;  // unreachable
+}
+
+std::vector<at::Tensor> contiguous_inputs(at::TensorList xs) {
+  TORCH_CHECK_VALUE(!xs.empty(), "x must hold at least one tensor");
+  std::vector<at::Tensor> out;
+  out.reserve(xs.size());
+  for (const auto& x : xs) {
+    TORCH_CHECK_TYPE(x.scalar_type() == xs[0].scalar_type(), "x: all tensors must share one dtype, got ",
+                     xs[0].scalar_type(), " and ", x.scalar_type());
+    TORCH_CHECK_VALUE(x.device().is_cpu(), "x: the CPU kernel needs CPU tensors, got ", x.device());
+    out.push_back(x.contiguous());
+  }
+  return out;
+}
+
+template <typename K>
+KeySegments<K> segments_of(const std::vector<at::Tensor>& xs) {
+  KeySegments<K> segs;
+  segs.offsets.push_back(0);
+  for (const auto& x : xs) {
+    segs.data.push_back(static_cast<const K*>(x.const_data_ptr()));
+    segs.offsets.push_back(segs.offsets.back() + x.numel());
+  }
+  return segs;
+}
+
+template <typename K>
+void store_key(at::Tensor& t, uint32_t key) {
+  K value = K(key);
+  std::memcpy(t.mutable_data_ptr(), &value, sizeof(K));
+}
+
+template <typename K, typename Loops>
+std::tuple<at::Tensor, at::Tensor> magnitude_threshold_impl(const std::vector<at::Tensor>& xs,
+                                                            int64_t k, Selection selection) {
+  const KeyFormat fmt = key_format(xs[0].scalar_type());
+  const KeySegments<K> segs = segments_of<K>(xs);
+  const int64_t n = segs.total();
+  TORCH_CHECK_VALUE(k >= 0 && k <= n, "k must be in [0, ", n, "] (the number of entries), got ", k);
+
+  at::Tensor threshold = at::empty({}, xs[0].options());
+  at::Tensor ties_kept = at::empty({}, xs[0].options().dtype(at::kLong));
+  uint32_t key = fmt.inf_key;
+  int64_t ties = 0;
+  if (selection == Selection::kExact) {
+    if (k > 0) {
+      const Selected s = select_rank_from_top<K, Loops>(segs, fmt, k);
+      key = s.key;
+      ties = k - s.greater;
+    } else if (n > 0) {
+      int64_t nan_count = 0;  // nothing is selected, but NaN is still rejected
+      parallel_histogram<K, Loops>(segs, fmt, 0, 0, fmt.digits[0], &nan_count);
+      TORCH_CHECK_VALUE(nan_count == 0, "x contains ", nan_count, " NaN value(s)");
+    }
+  } else if (n > 0) {
+    // Keep |x| >= the (n-k)-th smallest = the (k+1)-th largest; k = n keeps everything,
+    // which the smallest |x| (the n-th largest) does.
+    const Selected s = select_rank_from_top<K, Loops>(segs, fmt, std::min(k + 1, n));
+    key = s.key;
+    ties = s.equal;
+  }
+  store_key<K>(threshold, key);
+  *ties_kept.mutable_data_ptr<int64_t>() = ties;
+  return {threshold, ties_kept};
+}
+
+std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList xs, int64_t k,
+                                                           c10::string_view selection) {
+  const Selection sel = parse_selection(selection);
+  const std::vector<at::Tensor> inputs = contiguous_inputs(xs);
+  if (inputs[0].scalar_type() == at::kFloat) return magnitude_threshold_impl<uint32_t, Loops32>(inputs, k, sel);
+  key_format(inputs[0].scalar_type());  // rejects unsupported dtypes with a TypeError
+  return magnitude_threshold_impl<uint16_t, Loops16>(inputs, k, sel);
+}
+
+// ---------------------------------------------------------------------------------------
+// Op: threshold_mask
+// ---------------------------------------------------------------------------------------
+
+// A block never spans two tensors and starts at a multiple of 8 inside its tensor, so
+// packed blocks own whole bytes.
+struct Block {
+  int64_t tensor;
+  int64_t start;
+  int64_t len;
+};
+
+constexpr int64_t kBlock = int64_t(1) << 16;
+
+template <typename K, typename Loops>
+std::vector<at::Tensor> threshold_mask_impl(const std::vector<at::Tensor>& xs, at::TensorList originals,
+                                            const at::Tensor& threshold, int64_t ties_kept,
+                                            Selection selection, bool packed) {
+  const KeyFormat fmt = key_format(xs[0].scalar_type());
+  K t_bits;
+  std::memcpy(&t_bits, threshold.const_data_ptr(), sizeof(K));
+  const uint32_t t = uint32_t(t_bits) & fmt.abs_mask;
+  const bool geq = selection == Selection::kGeq;
+
+  std::vector<at::Tensor> masks;
+  std::vector<Block> blocks;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const int64_t n = xs[i].numel();
+    masks.push_back(packed ? at::empty({(n + 7) / 8}, xs[i].options().dtype(at::kByte))
+                           : at::empty(originals[i].sizes(), xs[i].options().dtype(at::kBool)));
+    for (int64_t s = 0; s < n; s += kBlock) blocks.push_back({int64_t(i), s, std::min(kBlock, n - s)});
+  }
+  const int64_t nblocks = int64_t(blocks.size());
+  auto keys_of = [&](const Block& b) { return static_cast<const K*>(xs[b.tensor].const_data_ptr()) + b.start; };
+
+  // "exact": entries equal to t are kept in flat order until ties_kept of them are. Count
+  // them per block, then an exclusive scan tells each block how many ties precede it.
+  const bool place_ties = !geq && ties_kept > 0;
+  std::vector<int64_t> ties_before(nblocks, 0);
+  if (place_ties) {
+    std::vector<int64_t> equal(nblocks, 0);
+    at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) equal[j] = Loops::count_equal(keys_of(blocks[j]), blocks[j].len, fmt.abs_mask, t);
+    });
+    for (int64_t j = 1; j < nblocks; ++j) ties_before[j] = ties_before[j - 1] + equal[j - 1];
+  }
+
+  at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const Block& b = blocks[j];
+      const K* keys = keys_of(b);
+      bool* out_bool = packed ? nullptr : masks[b.tensor].mutable_data_ptr<bool>() + b.start;
+      uint8_t* out_bits = packed ? masks[b.tensor].mutable_data_ptr<uint8_t>() + b.start / 8 : nullptr;
+      if (packed) {
+        Loops::compare_packed(keys, b.len, fmt.abs_mask, t, geq, out_bits);
+      } else {
+        Loops::compare(keys, b.len, fmt.abs_mask, t, geq, out_bool);
+      }
+      int64_t budget = place_ties ? ties_kept - ties_before[j] : 0;
+      for (int64_t i = 0; i < b.len && budget > 0; ++i) {
+        if ((uint32_t(keys[i]) & fmt.abs_mask) != t) continue;
+        if (packed) {
+          out_bits[i / 8] |= uint8_t(1u << (i % 8));
+        } else {
+          out_bool[i] = true;
+        }
+        --budget;
+      }
+    }
+  });
+  return masks;
+}
+
+std::vector<at::Tensor> threshold_mask_cpu(at::TensorList xs, const at::Tensor& threshold,
+                                           const at::Tensor& ties_kept, c10::string_view selection,
+                                           bool packed) {
+  const Selection sel = parse_selection(selection);
+  const std::vector<at::Tensor> inputs = contiguous_inputs(xs);
+  TORCH_CHECK_VALUE(threshold.numel() == 1 && threshold.scalar_type() == inputs[0].scalar_type(),
+                    "threshold must be a one-element tensor of x's dtype ", inputs[0].scalar_type(),
+                    ", got ", threshold.scalar_type(), " with ", threshold.numel(), " elements");
+  TORCH_CHECK_VALUE(ties_kept.numel() == 1 && ties_kept.scalar_type() == at::kLong,
+                    "ties_kept must be a one-element int64 tensor");
+  const at::Tensor t = threshold.cpu();
+  const int64_t ties = ties_kept.cpu().item<int64_t>();
+  TORCH_CHECK_VALUE(ties >= 0, "ties_kept must be >= 0, got ", ties);
+  if (inputs[0].scalar_type() == at::kFloat) return threshold_mask_impl<uint32_t, Loops32>(inputs, xs, t, ties, sel, packed);
+  key_format(inputs[0].scalar_type());
+  return threshold_mask_impl<uint16_t, Loops16>(inputs, xs, t, ties, sel, packed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtmerge, CPU, m) {
+  m.impl("magnitude_threshold", &magnitude_threshold_cpu);
+  m.impl("threshold_mask", &threshold_mask_cpu);
+}
+
+}  // namespace mtmerge

@@ -1,0 +1,1 @@
+"""Typed wrappers of the ``torch.ops.mtmerge`` ops, one module per family."""

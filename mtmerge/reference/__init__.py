@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the math that defines each op, readable first."""
