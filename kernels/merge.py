@@ -140,6 +140,11 @@ def _check_no_nan(nan_count: Tensor) -> None:
         raise ValueError(f"x contains {count} NaN value(s); magnitude selection is undefined for NaN")
 
 
+def _grid_over(n: int):
+    """Launch grid covering n entries with the (autotuned) BLOCK."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+
+
 def _histogram_level(keys, fmt, state, nan_count, level: int) -> Tensor:
     _, abs_mask, inf_key, digits = fmt
     shift, bits = digits[level]
@@ -147,11 +152,7 @@ def _histogram_level(keys, fmt, state, nan_count, level: int) -> Tensor:
     for key in keys:
         if key.numel() == 0:
             continue
-
-        def grid(meta, n=key.numel()):
-            return (triton.cdiv(n, meta["BLOCK"]),)
-
-        _magnitude_histogram_kernel[grid](
+        _magnitude_histogram_kernel[_grid_over(key.numel())](
             key, key.numel(), hist, nan_count, state,
             ABS_MASK=abs_mask, INF_KEY=inf_key, SHIFT=shift, NBINS=1 << bits,
             FILTER=level > 0, COUNT_NAN=level == 0,

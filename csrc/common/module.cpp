@@ -14,6 +14,12 @@
 
 namespace py = pybind11;
 
+#ifdef MTMERGE_WITH_CUDA
+namespace mtmerge {
+std::string cuda_build_summary();  // csrc/cuda/cuda_info.cu
+}
+#endif
+
 namespace {
 
 std::string compiler_name() {
@@ -67,6 +73,7 @@ py::dict build_info() {
   info["cpu_features"] = cpu_features();
 #ifdef MTMERGE_WITH_CUDA
   info["cuda"] = true;
+  info["cuda_summary"] = mtmerge::cuda_build_summary();
 #else
   info["cuda"] = false;
 #endif

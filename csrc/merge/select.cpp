@@ -24,6 +24,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string_view>
 #include <vector>
@@ -48,9 +49,9 @@ MTMERGE_ALWAYS_INLINE void histogram_body(const K* keys, int64_t n, uint32_t abs
                                           int64_t* nan_count) {
   constexpr int64_t kFlushEvery = int64_t(1) << 30;  // keep uint32 sub-counts from overflowing
   const int64_t nbins = int64_t(digit_mask) + 1;
-  std::vector<uint32_t> sub(2 * nbins);
-  uint32_t* h0 = sub.data();
-  uint32_t* h1 = sub.data() + nbins;
+  std::vector<uint32_t> sub(2 * nbins + 1);  // h0, h1 and one spare bin for filtered-out keys
+  uint32_t* h0 = sub.data() + nbins;  // h0[nbins] is the spare bin
+  uint32_t* h1 = sub.data();
   int64_t nan = 0;
   for (int64_t start = 0; start < n; start += kFlushEvery) {
     const int64_t stop = std::min(n, start + kFlushEvery);
@@ -70,9 +71,12 @@ MTMERGE_ALWAYS_INLINE void histogram_body(const K* keys, int64_t n, uint32_t abs
         ++h0[(a >> shift) & digit_mask];
       }
     } else {
+      // Branch-free filter: entries outside the prefix land in a spare bin past the end
+      // (matches are data-dependent and mispredict badly as branches).
       for (int64_t i = start; i < stop; ++i) {
         const uint32_t a = uint32_t(keys[i]) & abs_mask;
-        if ((a & prefix_mask) == prefix) ++h0[(a >> shift) & digit_mask];
+        const uint32_t bin = (a & prefix_mask) == prefix ? (a >> shift) & digit_mask : uint32_t(nbins);
+        ++h0[bin];
       }
     }
     for (int64_t b = 0; b < nbins; ++b) hist[b] += int64_t(h0[b]) + int64_t(h1[b]);
@@ -194,10 +198,10 @@ KeyFormat key_format(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:  // 31 bits: 11 + 11 + 9; 2048 bins of uint32 fit in L1
       return {0x7fffffffu, 0x7f800000u, {{20, 11}, {9, 11}, {0, 9}}};
-    case at::kBFloat16:
-      return {0x7fffu, 0x7f80u, {{7, 8}, {0, 7}}};
+    case at::kBFloat16:  // 15 bits: 11 + 4
+      return {0x7fffu, 0x7f80u, {{4, 11}, {0, 4}}};
     case at::kHalf:
-      return {0x7fffu, 0x7c00u, {{7, 8}, {0, 7}}};
+      return {0x7fffu, 0x7c00u, {{4, 11}, {0, 4}}};
     default:
       break;
   }
@@ -259,13 +263,14 @@ std::vector<K> parallel_gather(const KeySegments<K>& segs, const KeyFormat& fmt,
   out.reserve(size_t(expected));
   std::mutex merge_lock;
   at::parallel_for(0, segs.total(), kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<K> local(size_t(end - begin));
+    // Uninitialized on purpose: only the pages the compaction writes get touched.
+    std::unique_ptr<K[]> local(new K[size_t(end - begin)]);
     int64_t count = 0;
     segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
-      count += Loops::gather(p, len, fmt.abs_mask, prefix, prefix_mask, local.data() + count);
+      count += Loops::gather(p, len, fmt.abs_mask, prefix, prefix_mask, local.get() + count);
     });
     std::lock_guard<std::mutex> guard(merge_lock);  // candidate order is irrelevant: only counts are used
-    out.insert(out.end(), local.begin(), local.begin() + count);
+    out.insert(out.end(), local.get(), local.get() + count);
   });
   return out;
 }

@@ -1,0 +1,29 @@
+"""Shared test set-up.
+
+Triton kernels are tested on the CPU with the Triton interpreter when no GPU is present;
+TRITON_INTERPRET must be set before triton is first imported, hence at the top of this file.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+# Tolerances per dtype for ops that compute in floating point (selection ops are exact).
+TOLERANCES = {
+    torch.float32: {"atol": 1e-5, "rtol": 1.3e-6},
+    torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2},
+    torch.float16: {"atol": 1e-3, "rtol": 1e-3},
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Tests that change the thread count must not leak it into later tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
