@@ -21,15 +21,22 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string_view>
 #include <vector>
 
 #include "common/simd.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace mtmerge {
 namespace {
@@ -97,41 +104,46 @@ MTMERGE_ALWAYS_INLINE int64_t gather_body(const K* keys, int64_t n, uint32_t abs
   return count;
 }
 
+// out[i] = |x_i| > t (or >= t when geq), as bytes 0/1. Returns how many |x_i| == t.
 template <typename K>
-MTMERGE_ALWAYS_INLINE int64_t count_equal_body(const K* keys, int64_t n, uint32_t abs_mask,
-                                               uint32_t t) {
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) count += (uint32_t(keys[i]) & abs_mask) == t;
-  return count;
-}
-
-// out[i] = |x_i| > t (or >= t when geq), as bytes 0/1.
-template <typename K>
-MTMERGE_ALWAYS_INLINE void compare_body(const K* keys, int64_t n, uint32_t abs_mask, uint32_t t,
-                                        bool geq, bool* out) {
-  if (geq) {
-    for (int64_t i = 0; i < n; ++i) out[i] = (uint32_t(keys[i]) & abs_mask) >= t;
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = (uint32_t(keys[i]) & abs_mask) > t;
+MTMERGE_ALWAYS_INLINE int64_t compare_body(const K* keys, int64_t n, uint32_t abs_mask, uint32_t t,
+                                           bool geq, bool* out) {
+  const uint32_t bound = geq ? t : t + 1;  // key > t  <=>  key >= t + 1 (t <= inf, no wrap)
+  int64_t equal = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = uint32_t(keys[i]) & abs_mask;
+    out[i] = a >= bound;
+    equal += a == t;
   }
+  return equal;
 }
 
 // Same comparison, bit-packed: bit j of out[i] is entry 8i+j (numpy bitorder="little").
 template <typename K>
-MTMERGE_ALWAYS_INLINE void compare_packed_body(const K* keys, int64_t n, uint32_t abs_mask,
-                                               uint32_t t, bool geq, uint8_t* out) {
-  const uint32_t bound = geq ? t : t + 1;  // key > t  <=>  key >= t + 1 (t <= inf, no wrap)
+MTMERGE_ALWAYS_INLINE int64_t compare_packed_body(const K* keys, int64_t n, uint32_t abs_mask,
+                                                  uint32_t t, bool geq, uint8_t* out) {
+  const uint32_t bound = geq ? t : t + 1;
   const int64_t full_bytes = n / 8;
+  int64_t equal = 0;
   for (int64_t i = 0; i < full_bytes; ++i) {
     uint32_t byte = 0;
-    for (int j = 0; j < 8; ++j) byte |= uint32_t((uint32_t(keys[8 * i + j]) & abs_mask) >= bound) << j;
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t a = uint32_t(keys[8 * i + j]) & abs_mask;
+      byte |= uint32_t(a >= bound) << j;
+      equal += a == t;
+    }
     out[i] = uint8_t(byte);
   }
   if (n % 8) {
     uint32_t byte = 0;
-    for (int64_t j = 0; j < n % 8; ++j) byte |= uint32_t((uint32_t(keys[8 * full_bytes + j]) & abs_mask) >= bound) << j;
+    for (int64_t j = 0; j < n % 8; ++j) {
+      const uint32_t a = uint32_t(keys[8 * full_bytes + j]) & abs_mask;
+      byte |= uint32_t(a >= bound) << j;
+      equal += a == t;
+    }
     out[full_bytes] = uint8_t(byte);
   }
+  return equal;
 }
 
 #define MTMERGE_STAMP_KEY_LOOPS(K, SUFFIX)                                                        \
@@ -146,35 +158,154 @@ MTMERGE_ALWAYS_INLINE void compare_packed_body(const K* keys, int64_t n, uint32_
                                          uint32_t prefix, uint32_t prefix_mask, K* out) {         \
     return gather_body<K>(keys, n, abs_mask, prefix, prefix_mask, out);                           \
   }                                                                                               \
-  MTMERGE_CLONES int64_t count_equal_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,        \
-                                              uint32_t t) {                                       \
-    return count_equal_body<K>(keys, n, abs_mask, t);                                             \
+  MTMERGE_CLONES int64_t compare_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask, uint32_t t, \
+                                          bool geq, bool* out) {                                  \
+    return compare_body<K>(keys, n, abs_mask, t, geq, out);                                       \
   }                                                                                               \
-  MTMERGE_CLONES void compare_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask, uint32_t t,   \
-                                       bool geq, bool* out) {                                     \
-    compare_body<K>(keys, n, abs_mask, t, geq, out);                                              \
-  }                                                                                               \
-  MTMERGE_CLONES void compare_packed_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,        \
-                                              uint32_t t, bool geq, uint8_t* out) {               \
-    compare_packed_body<K>(keys, n, abs_mask, t, geq, out);                                       \
+  MTMERGE_CLONES int64_t compare_packed_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,     \
+                                                 uint32_t t, bool geq, uint8_t* out) {            \
+    return compare_packed_body<K>(keys, n, abs_mask, t, geq, out);                                \
   }
 
 MTMERGE_STAMP_KEY_LOOPS(uint32_t, u32)
 MTMERGE_STAMP_KEY_LOOPS(uint16_t, u16)
 #undef MTMERGE_STAMP_KEY_LOOPS
 
+// Window pass: one read of the data that counts keys above hi and NaN keys, and copies the
+// keys in [lo, hi] (widened to uint32) to out. out needs room for count + n + 16 entries:
+// the vector versions store whole registers past the kept entries.
+struct WindowTally {
+  int64_t above = 0;
+  int64_t nan = 0;
+  int64_t kept = 0;
+};
+
+template <typename K>
+MTMERGE_ALWAYS_INLINE void window_scalar_body(const K* keys, int64_t n, uint32_t abs_mask, uint32_t lo,
+                                              uint32_t hi, uint32_t inf_key, uint32_t* out, WindowTally& tally) {
+  int64_t above = 0, nan = 0, kept = tally.kept;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = uint32_t(keys[i]) & abs_mask;
+    above += a > hi;
+    nan += a > inf_key;
+    out[kept] = a;  // branch-free compaction
+    kept += (a >= lo) & (a <= hi);
+  }
+  tally.above += above;
+  tally.nan += nan;
+  tally.kept = kept;
+}
+
+template <typename K>
+void window_scalar(const K* keys, int64_t n, uint32_t abs_mask, uint32_t lo, uint32_t hi, uint32_t inf_key,
+                   uint32_t* out, WindowTally& tally) {
+  window_scalar_body<K>(keys, n, abs_mask, lo, hi, inf_key, out, tally);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX-512: compare 16 keys at once, compress the kept ones into a register, store it whole.
+template <typename K>
+__attribute__((target("avx512f,popcnt"))) void window_avx512(const K* keys, int64_t n, uint32_t abs_mask,
+                                                             uint32_t lo, uint32_t hi, uint32_t inf_key,
+                                                             uint32_t* out, WindowTally& tally) {
+  const __m512i vmask = _mm512_set1_epi32(int(abs_mask));
+  const __m512i vlo = _mm512_set1_epi32(int(lo));
+  const __m512i vhi = _mm512_set1_epi32(int(hi));
+  const __m512i vinf = _mm512_set1_epi32(int(inf_key));
+  int64_t above = 0, nan = 0, kept = tally.kept, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512i raw;
+    if constexpr (sizeof(K) == 4) {
+      raw = _mm512_loadu_si512(keys + i);
+    } else {
+      raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i)));
+    }
+    const __m512i a = _mm512_and_si512(raw, vmask);
+    const __mmask16 gt_hi = _mm512_cmpgt_epu32_mask(a, vhi);
+    const __mmask16 in_window = _mm512_cmpge_epu32_mask(a, vlo) & __mmask16(~gt_hi);
+    above += __builtin_popcount(gt_hi);
+    nan += __builtin_popcount(_mm512_cmpgt_epu32_mask(a, vinf));
+    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(in_window, a));
+    kept += __builtin_popcount(in_window);
+  }
+  tally.above += above;
+  tally.nan += nan;
+  tally.kept = kept;
+  window_scalar_body<K>(keys + i, n - i, abs_mask, lo, hi, inf_key, out, tally);
+}
+
+// AVX2 has no compress: a 256-entry table of lane permutations does it, 8 keys at a time.
+struct CompressTable {
+  alignas(32) int32_t lanes[256][8];
+  CompressTable() {
+    for (int m = 0; m < 256; ++m) {
+      int next = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (m & (1 << lane)) lanes[m][next++] = lane;
+      while (next < 8) lanes[m][next++] = 0;
+    }
+  }
+};
+const CompressTable kCompressTable;
+
+template <typename K>
+__attribute__((target("avx2,popcnt"))) void window_avx2(const K* keys, int64_t n, uint32_t abs_mask, uint32_t lo,
+                                                        uint32_t hi, uint32_t inf_key, uint32_t* out,
+                                                        WindowTally& tally) {
+  // Keys are below 2^31 (sign bit cleared), so AVX2's signed compares order them correctly.
+  const __m256i vmask = _mm256_set1_epi32(int(abs_mask));
+  const __m256i vlo_minus_1 = _mm256_set1_epi32(int(lo) - 1);
+  const __m256i vhi = _mm256_set1_epi32(int(hi));
+  const __m256i vinf = _mm256_set1_epi32(int(inf_key));
+  int64_t above = 0, nan = 0, kept = tally.kept, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256i raw;
+    if constexpr (sizeof(K) == 4) {
+      raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    } else {
+      raw = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + i)));
+    }
+    const __m256i a = _mm256_and_si256(raw, vmask);
+    const __m256i gt_hi = _mm256_cmpgt_epi32(a, vhi);
+    const __m256i in_window = _mm256_andnot_si256(gt_hi, _mm256_cmpgt_epi32(a, vlo_minus_1));
+    const int m = _mm256_movemask_ps(_mm256_castsi256_ps(in_window));
+    above += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(gt_hi)));
+    nan += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, vinf))));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressTable.lanes[m]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(a, perm));
+    kept += __builtin_popcount(m);
+  }
+  tally.above += above;
+  tally.nan += nan;
+  tally.kept = kept;
+  window_scalar_body<K>(keys + i, n - i, abs_mask, lo, hi, inf_key, out, tally);
+}
+#endif
+
+template <typename K>
+using WindowFn = void (*)(const K*, int64_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t*, WindowTally&);
+
+// The best window pass for this CPU, chosen once at run time.
+template <typename K>
+WindowFn<K> best_window_fn() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return &window_avx512<K>;
+  if (__builtin_cpu_supports("avx2")) return &window_avx2<K>;
+#endif
+  return &window_scalar<K>;
+}
+
 // Overloads so the templated drivers below can call the stamped loops by key type.
 struct Loops32 {
   static constexpr auto histogram = histogram_u32;
   static constexpr auto gather = gather_u32;
-  static constexpr auto count_equal = count_equal_u32;
   static constexpr auto compare = compare_u32;
   static constexpr auto compare_packed = compare_packed_u32;
 };
 struct Loops16 {
   static constexpr auto histogram = histogram_u16;
   static constexpr auto gather = gather_u16;
-  static constexpr auto count_equal = count_equal_u16;
   static constexpr auto compare = compare_u16;
   static constexpr auto compare_packed = compare_packed_u16;
 };
@@ -315,6 +446,96 @@ Selected select_rank_from_top(const KeySegments<K>& all, const KeyFormat& fmt, i
   return {prefix, greater, equal};
 }
 
+// Fast path for large inputs (Floyd-Rivest style): a fixed-stride sample of |x| brackets the
+// rank-th largest key in [lo, hi]; ONE vectorized pass counts the keys above hi and copies
+// the keys inside the bracket; radix selection then runs on that small copy. If the bracket
+// misses (the sample misled) or holds too many keys, returns false and the caller runs the
+// plain radix passes. Either way the answer is exact; the sample only decides the speed.
+constexpr int64_t kWindowMinEntries = int64_t(1) << 18;
+
+template <typename K>
+bool select_with_window(const KeySegments<K>& segs, const KeyFormat& fmt, int64_t rank, Selected* result) {
+  const int64_t n = segs.total();
+  if (n < kWindowMinEntries) return false;
+  constexpr int64_t kSample = 8192;
+  std::vector<uint32_t> sample(kSample);
+  const int64_t stride = n / kSample;
+  for (int64_t j = 0; j < kSample; ++j) {
+    segs.for_each_piece(j * stride + stride / 2, j * stride + stride / 2 + 1,
+                        [&](const K* p, int64_t) { sample[j] = uint32_t(*p) & fmt.abs_mask; });
+  }
+  std::sort(sample.begin(), sample.end(), std::greater<uint32_t>());
+  // Expected sample position of the rank-th largest, +- 6 standard deviations of a binomial.
+  const double q = double(rank) / double(n);
+  const double center = q * kSample;
+  const double margin = 6.0 * std::sqrt(kSample * q * (1.0 - q)) + 8.0;
+  const int64_t top = int64_t(center - margin);
+  const int64_t bottom = int64_t(center + margin);
+  const uint32_t hi = top <= 0 ? fmt.inf_key : sample[top];
+  const uint32_t lo = bottom >= kSample - 1 ? 0u : sample[bottom];
+  if (double(bottom - top) > 0.25 * kSample) return false;  // a wide bracket saves nothing
+
+  static const WindowFn<K> window = best_window_fn<K>();
+  constexpr int64_t kBlockLen = 4096;
+  WindowTally total;
+  bool overflow = false;
+  std::vector<uint32_t> candidates;
+  std::mutex merge_lock;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    // Room for a quarter of the chunk; uninitialized, so untouched pages cost nothing.
+    const int64_t capacity = (end - begin) / 4 + kBlockLen;
+    std::unique_ptr<uint32_t[]> local(new uint32_t[size_t(capacity + kBlockLen + 16)]);
+    WindowTally tally;
+    bool full = false;
+    segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
+      for (int64_t off = 0; off < len && !full; off += kBlockLen) {
+        full = tally.kept > capacity;
+        if (!full) window(p + off, std::min(kBlockLen, len - off), fmt.abs_mask, lo, hi, fmt.inf_key, local.get(), tally);
+      }
+    });
+    std::lock_guard<std::mutex> guard(merge_lock);  // candidate order is irrelevant: only counts are used
+    overflow |= full;
+    total.above += tally.above;
+    total.nan += tally.nan;
+    if (!full) candidates.insert(candidates.end(), local.get(), local.get() + tally.kept);
+  });
+  if (overflow) return false;
+  TORCH_CHECK_VALUE(total.nan == 0, "x contains ", total.nan, " NaN value(s); magnitude selection is undefined for NaN");
+  const int64_t in_window = int64_t(candidates.size());
+  if (!(total.above < rank && rank <= total.above + in_window)) return false;  // the bracket missed
+
+  KeySegments<uint32_t> window_keys;
+  window_keys.data = {candidates.data()};
+  window_keys.offsets = {0, in_window};
+  const Selected inner = select_rank_from_top<uint32_t, Loops32>(window_keys, fmt, rank - total.above);
+  *result = {inner.key, total.above + inner.greater, inner.equal};  // all ties of t lie inside [lo, hi]
+  return true;
+}
+
+// Raises ValueError if any key is NaN: a window pass with an empty window, at vector speed.
+template <typename K>
+void check_no_nan(const KeySegments<K>& segs, const KeyFormat& fmt) {
+  static const WindowFn<K> window = best_window_fn<K>();
+  std::atomic<int64_t> nan_count{0};
+  at::parallel_for(0, segs.total(), kGrain, [&](int64_t begin, int64_t end) {
+    WindowTally tally;
+    uint32_t scratch[16 + 1];  // nothing is kept (lo > hi), but the vector stores need room
+    segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
+      window(p, len, fmt.abs_mask, /*lo=*/1, /*hi=*/0, fmt.inf_key, scratch, tally);
+    });
+    nan_count += tally.nan;
+  });
+  TORCH_CHECK_VALUE(nan_count == 0, "x contains ", nan_count.load(), " NaN value(s); magnitude selection is undefined for NaN");
+}
+
+// The rank-th largest |x| key (1 <= rank <= n): the window fast path, else plain radix.
+template <typename K, typename Loops>
+Selected select_rank(const KeySegments<K>& segs, const KeyFormat& fmt, int64_t rank) {
+  Selected result;
+  if (select_with_window<K>(segs, fmt, rank, &result)) return result;
+  return select_rank_from_top<K, Loops>(segs, fmt, rank);
+}
+
 // ---------------------------------------------------------------------------------------
 // Op: magnitude_threshold
 // ---------------------------------------------------------------------------------------
@@ -372,18 +593,16 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_impl(const std::vector<at
   int64_t ties = 0;
   if (selection == Selection::kExact) {
     if (k > 0) {
-      const Selected s = select_rank_from_top<K, Loops>(segs, fmt, k);
+      const Selected s = select_rank<K, Loops>(segs, fmt, k);
       key = s.key;
       ties = k - s.greater;
-    } else if (n > 0) {
-      int64_t nan_count = 0;  // nothing is selected, but NaN is still rejected
-      parallel_histogram<K, Loops>(segs, fmt, 0, 0, fmt.digits[0], &nan_count);
-      TORCH_CHECK_VALUE(nan_count == 0, "x contains ", nan_count, " NaN value(s)");
+    } else {
+      check_no_nan<K>(segs, fmt);  // nothing is selected, but NaN is still rejected
     }
   } else if (n > 0) {
     // Keep |x| >= the (n-k)-th smallest = the (k+1)-th largest; k = n keeps everything,
     // which the smallest |x| (the n-th largest) does.
-    const Selected s = select_rank_from_top<K, Loops>(segs, fmt, std::min(k + 1, n));
+    const Selected s = select_rank<K, Loops>(segs, fmt, std::min(k + 1, n));
     key = s.key;
     ties = s.equal;
   }
@@ -436,36 +655,34 @@ std::vector<at::Tensor> threshold_mask_impl(const std::vector<at::Tensor>& xs, a
   const int64_t nblocks = int64_t(blocks.size());
   auto keys_of = [&](const Block& b) { return static_cast<const K*>(xs[b.tensor].const_data_ptr()) + b.start; };
 
-  // "exact": entries equal to t are kept in flat order until ties_kept of them are. Count
-  // them per block, then an exclusive scan tells each block how many ties precede it.
-  const bool place_ties = !geq && ties_kept > 0;
-  std::vector<int64_t> ties_before(nblocks, 0);
-  if (place_ties) {
-    std::vector<int64_t> equal(nblocks, 0);
-    at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) equal[j] = Loops::count_equal(keys_of(blocks[j]), blocks[j].len, fmt.abs_mask, t);
-    });
-    for (int64_t j = 1; j < nblocks; ++j) ties_before[j] = ties_before[j - 1] + equal[j - 1];
-  }
-
+  // One parallel pass writes |x| > t (or >= t) and counts the ties per block. "exact" then
+  // keeps ties in flat order until ties_kept of them are: an exclusive scan of the counts
+  // tells each block how many ties precede it, and only blocks with budget left are patched.
+  std::vector<int64_t> equal(nblocks, 0);
   at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const Block& b = blocks[j];
+      equal[j] = packed ? Loops::compare_packed(keys_of(b), b.len, fmt.abs_mask, t, geq,
+                                                masks[b.tensor].mutable_data_ptr<uint8_t>() + b.start / 8)
+                        : Loops::compare(keys_of(b), b.len, fmt.abs_mask, t, geq,
+                                         masks[b.tensor].mutable_data_ptr<bool>() + b.start);
+    }
+  });
+  if (geq || ties_kept == 0) return masks;
+
+  std::vector<int64_t> ties_before(nblocks, 0);
+  for (int64_t j = 1; j < nblocks; ++j) ties_before[j] = ties_before[j - 1] + equal[j - 1];
+  at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const Block& b = blocks[j];
+      int64_t budget = std::min(ties_kept - ties_before[j], equal[j]);
       const K* keys = keys_of(b);
-      bool* out_bool = packed ? nullptr : masks[b.tensor].mutable_data_ptr<bool>() + b.start;
-      uint8_t* out_bits = packed ? masks[b.tensor].mutable_data_ptr<uint8_t>() + b.start / 8 : nullptr;
-      if (packed) {
-        Loops::compare_packed(keys, b.len, fmt.abs_mask, t, geq, out_bits);
-      } else {
-        Loops::compare(keys, b.len, fmt.abs_mask, t, geq, out_bool);
-      }
-      int64_t budget = place_ties ? ties_kept - ties_before[j] : 0;
       for (int64_t i = 0; i < b.len && budget > 0; ++i) {
         if ((uint32_t(keys[i]) & fmt.abs_mask) != t) continue;
         if (packed) {
-          out_bits[i / 8] |= uint8_t(1u << (i % 8));
+          masks[b.tensor].mutable_data_ptr<uint8_t>()[(b.start + i) / 8] |= uint8_t(1u << ((b.start + i) % 8));
         } else {
-          out_bool[i] = true;
+          masks[b.tensor].mutable_data_ptr<bool>()[b.start + i] = true;
         }
         --budget;
       }
