@@ -25,6 +25,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -285,13 +286,16 @@ __attribute__((target("avx2,popcnt"))) void window_avx2(const K* keys, int64_t n
 template <typename K>
 using WindowFn = void (*)(const K*, int64_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t*, WindowTally&);
 
-// The best window pass for this CPU, chosen once at run time.
+// The best window pass for this CPU, chosen once at run time. MTMERGE_MAX_ISA=avx2 or
+// =default caps the choice (tests use it to run every version on one machine).
 template <typename K>
 WindowFn<K> best_window_fn() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  const char* cap_env = std::getenv("MTMERGE_MAX_ISA");
+  const std::string_view cap = cap_env ? cap_env : "";
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return &window_avx512<K>;
-  if (__builtin_cpu_supports("avx2")) return &window_avx2<K>;
+  if (__builtin_cpu_supports("avx512f") && (cap.empty() || cap == "avx512f")) return &window_avx512<K>;
+  if (__builtin_cpu_supports("avx2") && cap != "default") return &window_avx2<K>;
 #endif
   return &window_scalar<K>;
 }

@@ -299,3 +299,63 @@ def test_compiled_kernel_validates_too():
         torch.ops.mtmerge.magnitude_threshold([x, x.half()], 1, "exact")
     with pytest.raises(ValueError, match="threshold"):
         torch.ops.mtmerge.threshold_mask([x], torch.tensor([1.0, 2.0]), torch.tensor(0), "exact", False)
+
+
+# ---- the CPU kernel's fast path and its fall-backs ---------------------------------------------
+# Inputs of 2^18+ entries take a sampled-window fast path (csrc/merge/select.cpp,
+# select_with_window); these inputs make it miss or overflow so the plain radix passes run.
+
+
+def test_cpu_window_bracket_miss_falls_back():
+    n = 2**20 + 3
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(n, generator=gen) * 100 + 500
+    stride = n // 8192
+    sampled = torch.arange(8192) * stride + stride // 2
+    x[sampled] = torch.randn(8192, generator=gen) * 1e-3  # the sample sees only tiny values
+    for selection in SELECTIONS:
+        assert_same_selection("cpu", [x], n // 5, selection)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_window_overflow_falls_back(dtype):
+    n = 2**19 + 1
+    gen = torch.Generator().manual_seed(14)
+    x = torch.where(torch.rand(n, generator=gen) < 0.5, torch.ones(n), torch.randn(n, generator=gen)).to(dtype)
+    for selection in SELECTIONS:
+        assert_same_selection("cpu", [x], n // 5, selection)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_cpu_window_pass_on_every_isa(isa):
+    """The AVX-512, AVX2 and scalar window passes give the same selections (run in a subprocess
+    with MTMERGE_MAX_ISA capping the choice; AVX-512 is what the rest of this file runs)."""
+    code = """
+import torch
+from mtmerge.reference import merge as ref
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(2**20 + 7, generator=gen).to(dtype)
+    for k in (1, 1000, x.numel() // 5, x.numel() - 3):
+        for selection in ("exact", "geq"):
+            got = torch.ops.mtmerge.magnitude_threshold([x[:5], x[5:]], k, selection)
+            want = ref.magnitude_threshold([x], k, selection)
+            assert torch.equal(got[0], want[0]) and int(got[1]) == int(want[1]), (dtype, k, selection)
+    x[12345] = float("nan")
+    for k in (0, 7):
+        try:
+            torch.ops.mtmerge.magnitude_threshold([x], k, "exact")
+        except ValueError as e:
+            assert "NaN" in str(e)
+        else:
+            raise AssertionError("NaN not rejected")
+print("ok")
+"""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MTMERGE_MAX_ISA": isa})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
