@@ -300,6 +300,12 @@ WindowFn<K> best_window_fn() {
   return &window_scalar<K>;
 }
 
+template <typename K>
+WindowFn<K> window_fn() {
+  static const WindowFn<K> chosen = best_window_fn<K>();
+  return chosen;
+}
+
 // Overloads so the templated drivers below can call the stamped loops by key type.
 struct Loops32 {
   static constexpr auto histogram = histogram_u32;
@@ -483,7 +489,7 @@ bool select_with_window(const KeySegments<K>& segs, const KeyFormat& fmt, int64_
   const uint32_t lo = bottom >= kSample - 1 ? 0u : largest(bottom);
   if (double(bottom - top) > 0.25 * kSample) return false;  // a wide bracket saves nothing
 
-  static const WindowFn<K> window = best_window_fn<K>();
+  const WindowFn<K> window = window_fn<K>();
   constexpr int64_t kBlockLen = 4096;
   WindowTally total;
   bool overflow = false;
@@ -523,7 +529,7 @@ bool select_with_window(const KeySegments<K>& segs, const KeyFormat& fmt, int64_
 // Raises ValueError if any key is NaN: a window pass with an empty window, at vector speed.
 template <typename K>
 void check_no_nan(const KeySegments<K>& segs, const KeyFormat& fmt) {
-  static const WindowFn<K> window = best_window_fn<K>();
+  const WindowFn<K> window = window_fn<K>();
   std::atomic<int64_t> nan_count{0};
   at::parallel_for(0, segs.total(), kGrain, [&](int64_t begin, int64_t end) {
     WindowTally tally;
