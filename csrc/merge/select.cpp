@@ -416,6 +416,11 @@ std::vector<K> parallel_gather(const KeySegments<K>& segs, const KeyFormat& fmt,
   return out;
 }
 
+// NaN has no magnitude order: every selection path rejects it with the same ValueError.
+void reject_nan(int64_t nan_count) {
+  TORCH_CHECK_VALUE(nan_count == 0, "x contains ", nan_count, " NaN value(s); magnitude selection is undefined for NaN");
+}
+
 struct Selected {
   uint32_t key;     // the rank-th largest |x| key
   int64_t greater;  // entries with a larger key
@@ -434,8 +439,7 @@ Selected select_rank_from_top(const KeySegments<K>& all, const KeyFormat& fmt, i
     int64_t nan_count = 0;
     std::vector<int64_t> hist =
         parallel_histogram<K, Loops>(source, fmt, prefix, prefix_mask, digit, &nan_count);
-    TORCH_CHECK_VALUE(nan_count == 0, "x contains ", nan_count,
-                      " NaN value(s); magnitude selection is undefined for NaN");
+    reject_nan(nan_count);
     // Walk bins from the top until the bin that holds the remaining-th largest entry.
     int64_t above = 0;
     int64_t bin = int64_t(hist.size()) - 1;
@@ -514,7 +518,7 @@ bool select_with_window(const KeySegments<K>& segs, const KeyFormat& fmt, int64_
     if (!full) candidates.insert(candidates.end(), local.get(), local.get() + tally.kept);
   });
   if (overflow) return false;
-  TORCH_CHECK_VALUE(total.nan == 0, "x contains ", total.nan, " NaN value(s); magnitude selection is undefined for NaN");
+  reject_nan(total.nan);
   const int64_t in_window = int64_t(candidates.size());
   if (!(total.above < rank && rank <= total.above + in_window)) return false;  // the bracket missed
 
@@ -539,7 +543,7 @@ void check_no_nan(const KeySegments<K>& segs, const KeyFormat& fmt) {
     });
     nan_count += tally.nan;
   });
-  TORCH_CHECK_VALUE(nan_count == 0, "x contains ", nan_count.load(), " NaN value(s); magnitude selection is undefined for NaN");
+  reject_nan(nan_count.load());
 }
 
 // The rank-th largest |x| key (1 <= rank <= n): the window fast path, else plain radix.
