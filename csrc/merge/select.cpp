@@ -485,13 +485,13 @@ bool select_with_window(const KeySegments<K>& segs, const KeyFormat& fmt, int64_
   const double margin = 4.5 * std::sqrt(kSample * q * (1.0 - q)) + 8.0;
   const int64_t top = int64_t(center - margin);
   const int64_t bottom = int64_t(center + margin);
+  if (double(bottom - top) > 0.25 * kSample) return false;  // a wide bracket saves nothing
   auto largest = [&](int64_t pos) {  // the (pos+1)-th largest sampled key
     std::nth_element(sample.begin(), sample.begin() + pos, sample.end(), std::greater<uint32_t>());
     return sample[pos];
   };
   const uint32_t hi = top <= 0 ? fmt.inf_key : largest(top);
   const uint32_t lo = bottom >= kSample - 1 ? 0u : largest(bottom);
-  if (double(bottom - top) > 0.25 * kSample) return false;  // a wide bracket saves nothing
 
   const WindowFn<K> window = window_fn<K>();
   constexpr int64_t kBlockLen = 4096;
