@@ -5,14 +5,42 @@ Triton GPU kernel and a PyTorch reference; see ``mtmerge info`` for which one ru
 """
 
 from mtmerge import _library
-from mtmerge.ops.merge import MagnitudeThreshold, magnitude_threshold, topk_mask
+from mtmerge.ops.merge import (
+    FLAVORS,
+    MagnitudeThreshold,
+    TiesKnobs,
+    consensus_mask,
+    consensus_merge,
+    dare,
+    dare_linear,
+    dare_ties,
+    magnitude_prune,
+    magnitude_threshold,
+    tall_masks,
+    task_arithmetic,
+    ties,
+    ties_merge,
+    topk_mask,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FLAVORS",
     "MagnitudeThreshold",
+    "TiesKnobs",
     "__version__",
     "_library",
+    "consensus_mask",
+    "consensus_merge",
+    "dare",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
     "magnitude_threshold",
+    "tall_masks",
+    "task_arithmetic",
+    "ties",
+    "ties_merge",
     "topk_mask",
 ]

@@ -44,6 +44,51 @@ _OPS: dict[str, tuple[str, Callable[..., Any], str]] = {
         ref_merge.threshold_mask,
         "mtmerge.kernels.merge:threshold_mask",
     ),
+    # The merge pipeline's building blocks (semantics: mtmerge/reference/merge.py). Task
+    # vectors are finetuned[t] - base, formed on the fly; base=None means finetuned already
+    # holds task vectors.
+    "delta_threshold": (
+        "delta_threshold(Tensor? base, Tensor[] finetuned, int[] ks, str selection='exact', "
+        "bool allow_nonfinite=False, Tensor? consensus=None) -> (Tensor, Tensor)",
+        ref_merge.delta_threshold,
+        "mtmerge.kernels.merge:delta_threshold",
+    ),
+    "tie_cutoffs": (
+        "tie_cutoffs(Tensor? base, Tensor[] finetuned, Tensor thresholds, Tensor ties_kept, "
+        "Tensor? consensus=None) -> Tensor",
+        ref_merge.tie_cutoffs,
+        "mtmerge.kernels.merge:tie_cutoffs",
+    ),
+    "dare_abs_sums": (
+        "dare_abs_sums(Tensor? base, Tensor[] finetuned, int seed, int[] dare_keep, int task_offset=0) -> Tensor",
+        ref_merge.dare_abs_sums,
+        "mtmerge.kernels.merge:dare_abs_sums",
+    ),
+    "elect_sign_total": (
+        "elect_sign_total(Tensor? base, Tensor[] finetuned, float[] weights, float[] scales, Tensor thresholds, "
+        "Tensor tie_cutoffs, int seed, int[] dare_keep, str elect='sum', bool elect_weighted=False, "
+        "Tensor? consensus=None) -> Tensor",
+        ref_merge.elect_sign_total,
+        "mtmerge.kernels.merge:elect_sign_total",
+    ),
+    "merge_fused": (
+        "merge_fused(Tensor? base, Tensor[] finetuned, float[] weights, float[] scales, Tensor thresholds, "
+        "Tensor tie_cutoffs, int seed, int[] dare_keep, Tensor? consensus, str elect, bool elect_weighted, "
+        "int zero_fill, str merge, str divisor, float lam, bool allow_nonfinite, Tensor(a!) out, "
+        "int task_offset=0) -> ()",
+        ref_merge.merge_fused,
+        "mtmerge.kernels.merge:merge_fused",
+    ),
+    "tall_masks": (
+        "tall_masks(Tensor? base, Tensor[] finetuned, Tensor merged, float[] lams) -> Tensor",
+        ref_merge.tall_masks,
+        "mtmerge.kernels.merge:tall_masks",
+    ),
+    "consensus_mask": (
+        "consensus_mask(Tensor masks, int k=2) -> Tensor",
+        ref_merge.consensus_mask,
+        "mtmerge.kernels.merge:consensus_mask",
+    ),
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -65,6 +110,47 @@ def _threshold_mask_fake(xs, threshold, ties_kept, selection="exact", packed=Fal
     if packed:
         return [x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8) for x in xs]
     return [x.new_empty(x.shape, dtype=torch.bool) for x in xs]
+
+
+def _per_task(finetuned, dtype):
+    return finetuned[0].new_empty((len(finetuned),), dtype=dtype)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::delta_threshold")
+def _delta_threshold_fake(base, finetuned, ks, selection="exact", allow_nonfinite=False, consensus=None):
+    return _per_task(finetuned, torch.float32), _per_task(finetuned, torch.int64)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tie_cutoffs")
+def _tie_cutoffs_fake(base, finetuned, thresholds, ties_kept, consensus=None):
+    return _per_task(finetuned, torch.int64)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dare_abs_sums")
+def _dare_abs_sums_fake(base, finetuned, seed, dare_keep, task_offset=0):
+    return finetuned[0].new_empty((len(finetuned), 2), dtype=torch.float64)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::elect_sign_total")
+def _elect_sign_total_fake(base, finetuned, weights, scales, thresholds, tie_cutoffs, seed, dare_keep,
+                           elect="sum", elect_weighted=False, consensus=None):
+    return finetuned[0].new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::merge_fused")
+def _merge_fused_fake(base, finetuned, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
+                      elect, elect_weighted, zero_fill, merge, divisor, lam, allow_nonfinite, out, task_offset=0):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tall_masks")
+def _tall_masks_fake(base, finetuned, merged, lams):
+    return merged.new_empty((len(finetuned), (merged.numel() + 7) // 8), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::consensus_mask")
+def _consensus_mask_fake(masks, k=2):
+    return masks.new_empty((masks.shape[-1],), dtype=torch.uint8)
 
 
 # ---- CPU: the compiled extension ------------------------------------------------------------

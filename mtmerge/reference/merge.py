@@ -121,3 +121,375 @@ def threshold_mask(
     if packed:
         return [pack_bits(m) for m in masks]
     return [m.reshape(x.shape) for m, x in zip(masks, xs, strict=True)]
+
+
+# =============================================================================================
+# Merge primitives: task vectors, trim, elect, disjoint merge, DARE, TALL masks, Consensus.
+#
+# Every function below takes the task vectors implicitly as ``finetuned[t] - base`` (or the
+# tensors themselves when ``base`` is None), computed in float32, flattened row-major: the
+# compiled kernels never materialize them, the reference does. See DESIGN.md, "Merge
+# semantics", and ``mtmerge/ops/merge.py`` for how the public functions compose these.
+#
+# Magnitudes are compared as the integer bit patterns of ``|tau|`` in float32 (``key``): the
+# same order as the values for finite numbers and +inf, and a total order every backend
+# agrees on. A trim is given per task as ``(threshold, tie_cutoff)``: keep ``key > key(t)``,
+# plus ``key == key(t)`` at flat index ``<= tie_cutoff`` (``-1``: no tie kept; ``INT64_MAX``:
+# every tie kept, the "geq" rule).
+# =============================================================================================
+
+INT64_MAX = 2**63 - 1
+F32_INF_KEY = 0x7F800000
+DARE_KEEP_ONE = 1 << 24  # dare_keep value that keeps everything (no DARE)
+_M32 = 0xFFFFFFFF
+
+
+def task_deltas(base: Tensor | None, finetuned: Sequence[Tensor]) -> list[Tensor]:
+    """``finetuned[t] - base`` (or ``finetuned[t]``) as flat contiguous float32 tensors."""
+    b = None if base is None else base.reshape(-1).float()
+    return [f.reshape(-1).float() - b if b is not None else f.reshape(-1).float().contiguous() for f in finetuned]
+
+
+def magnitude_keys(d: Tensor) -> Tensor:
+    """int64 bit patterns of ``|d|`` for a flat float32 ``d`` (they order like ``|d|``)."""
+    return d.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def _threshold_key(threshold: Tensor) -> int:
+    return int(threshold.detach().float().cpu().abs().view(torch.int32).item())
+
+
+def _key_to_float(key: int) -> float:
+    return float(torch.tensor(key, dtype=torch.int32).view(torch.float32).item())
+
+
+def _consensus_bits(consensus: Tensor | None, n: int) -> Tensor | None:
+    return None if consensus is None else unpack_bits(consensus.reshape(-1), n)
+
+
+def _task_keys(base, finetuned, consensus, allow_nonfinite: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Task vectors and their magnitude keys (entries outside ``consensus`` have key 0).
+
+    Raises ValueError for NaN in a task vector, and for Inf unless ``allow_nonfinite``.
+    """
+    deltas = task_deltas(base, finetuned)
+    n = deltas[0].numel() if deltas else 0
+    cons = _consensus_bits(consensus, n)
+    keys = []
+    for t, d in enumerate(deltas):
+        key = magnitude_keys(d)
+        if cons is not None:
+            key = torch.where(cons, key, torch.zeros_like(key))
+        _check_finite_keys(key, t, allow_nonfinite)
+        keys.append(key)
+    return deltas, keys
+
+
+def _check_finite_keys(key: Tensor, t: int, allow_nonfinite: bool) -> None:
+    nan = int((key > F32_INF_KEY).sum())
+    if nan:
+        raise ValueError(f"finetuned[{t}]: its task vector has {nan} NaN value(s); magnitude selection is "
+                         "undefined for NaN")
+    inf = int((key == F32_INF_KEY).sum())
+    if inf and not allow_nonfinite:
+        raise ValueError(f"finetuned[{t}]: its task vector has {inf} Inf value(s) (Inf in base or finetuned); "
+                         "pass allow_nonfinite=True to merge them")
+
+
+def _cutoff_for(key: Tensor, t_key: int, ties_kept: int) -> int:
+    """Flat index of the last tie kept when the first ``ties_kept`` entries equal to t are."""
+    tie_positions = torch.nonzero(key == t_key).reshape(-1)
+    if ties_kept >= tie_positions.numel():
+        return INT64_MAX
+    if ties_kept <= 0:
+        return -1
+    return int(tie_positions[ties_kept - 1])
+
+
+def delta_threshold(
+    base: Tensor | None,
+    finetuned: Sequence[Tensor],
+    ks: Sequence[int],
+    selection: str = "exact",
+    allow_nonfinite: bool = False,
+    consensus: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-task trim of each task vector to its ``ks[t]`` largest magnitudes.
+
+    Returns
+    -------
+    thresholds : Tensor
+        float32 ``[T]``: the threshold magnitude of each task.
+    tie_cutoffs : Tensor
+        int64 ``[T]``: entries equal to the threshold are kept up to this flat index.
+        ``"exact"``: exactly ``ks[t]`` entries are kept, ties by lowest flat index (``k = 0``
+        gives ``(inf, -1)``). ``"geq"``: every entry ``>=`` the ``(n - k)``-th smallest (the
+        TIES paper's rule; ``k = n`` keeps all), cutoff ``INT64_MAX``.
+    """
+    _, keys = _task_keys(base, finetuned, consensus, allow_nonfinite)
+    device = finetuned[0].device
+    thresholds, cutoffs = [], []
+    for key, k in zip(keys, ks, strict=True):
+        n = key.numel()
+        if not 0 <= k <= n:
+            raise ValueError(f"ks must be in [0, {n}], got {k}")
+        descending = torch.sort(key, descending=True).values
+        if selection == "exact":
+            if k == 0:
+                t_key, cutoff = F32_INF_KEY, -1
+            else:
+                t_key = int(descending[k - 1])
+                cutoff = _cutoff_for(key, t_key, k - int((key > t_key).sum()))
+        elif selection == "geq":
+            if n == 0:
+                t_key, cutoff = F32_INF_KEY, -1
+            else:
+                t_key, cutoff = int(descending[min(k + 1, n) - 1]), INT64_MAX
+        else:
+            raise ValueError(f"selection must be 'exact' or 'geq', got {selection!r}")
+        thresholds.append(_key_to_float(t_key))
+        cutoffs.append(cutoff)
+    return (torch.tensor(thresholds, dtype=torch.float32, device=device),
+            torch.tensor(cutoffs, dtype=torch.int64, device=device))
+
+
+def tie_cutoffs(
+    base: Tensor | None,
+    finetuned: Sequence[Tensor],
+    thresholds: Tensor,
+    ties_kept: Tensor,
+    consensus: Tensor | None = None,
+) -> Tensor:
+    """int64 ``[T]``: the tie cutoff that keeps the first ``ties_kept[t]`` entries whose
+    magnitude equals ``thresholds[t]`` (``INT64_MAX`` if that is all of them, ``-1`` if 0)."""
+    _, keys = _task_keys(base, finetuned, consensus, allow_nonfinite=True)
+    out = [_cutoff_for(key, _threshold_key(thresholds[t]), int(ties_kept[t])) for t, key in enumerate(keys)]
+    return torch.tensor(out, dtype=torch.int64, device=finetuned[0].device)
+
+
+# ---- DARE: a counter-based RNG keyed by (seed, task, flat index) ----------------------------
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """``(h * c) mod 2**32`` for int64 tensors holding uint32 values, without int64 overflow."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finalizer (a bijection with full avalanche) on uint32-in-int64."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def fmix32(x: int) -> int:
+    """:func:`_fmix32` on a Python int."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+DARE_HIGH_WORD_SALT = 0x68E31DA4
+
+
+def dare_task_key(seed: int, task: int) -> int:
+    """The 32-bit stream key of task ``task`` under ``seed`` (``0 <= seed < 2**63``)."""
+    return fmix32(fmix32(fmix32(task + 0x9E3779B9) ^ ((seed >> 32) & _M32)) ^ (seed & _M32))
+
+
+def dare_keep_threshold(density: float) -> int:
+    """DARE keeps an entry when its 24-bit hash is below this: ``round(density * 2**24)``."""
+    return min(DARE_KEEP_ONE, max(0, round(float(density) * DARE_KEEP_ONE)))
+
+
+def dare_hash(index: Tensor, task_key: int) -> Tensor:
+    """24-bit uniform hash of int64 flat indices: ``fmix32(fmix32(lo ^ key) ^ hi ^ salt) >> 8``."""
+    h = _fmix32((index & _M32) ^ task_key)
+    h = _fmix32(h ^ (index >> 32) ^ DARE_HIGH_WORD_SALT)
+    return h >> 8
+
+
+def dare_keep_mask(n: int, seed: int, task: int, keep: int, device=None) -> Tensor:
+    """bool ``[n]``: DARE's keep decisions for task ``task`` (``keep`` from dare_keep_threshold)."""
+    index = torch.arange(n, dtype=torch.int64, device=device)
+    return dare_hash(index, dare_task_key(seed, task)) < keep
+
+
+def dare_abs_sums(
+    base: Tensor | None, finetuned: Sequence[Tensor], seed: int, dare_keep: Sequence[int], task_offset: int = 0
+) -> Tensor:
+    """float64 ``[T, 2]``: ``sum |tau_t|`` and ``sum |tau_t|`` over DARE's kept entries
+    (the L1 rescale factor is their ratio, mergekit's rule). Task ``t`` draws DARE's stream of
+    task number ``task_offset + t``."""
+    rows = []
+    for t, d in enumerate(task_deltas(base, finetuned)):
+        a = d.double().abs()
+        kept = dare_keep_mask(d.numel(), seed, task_offset + t, dare_keep[t], d.device)
+        rows.append(torch.stack([a.sum(), torch.where(kept, a, torch.zeros_like(a)).sum()]))
+    if not rows:
+        return torch.zeros((0, 2), dtype=torch.float64)
+    return torch.stack(rows)
+
+
+# ---- the fused merge: trim (+ DARE, + consensus), elect, disjoint merge, output --------------
+
+ELECTS = ("none", "sum", "count")
+MERGES = ("mean", "sum", "max")
+DIVISORS = ("count", "weight")
+
+
+def _sign(x: Tensor) -> Tensor:
+    """-1, 0 or +1 as float32 (0 for NaN, unlike torch.sign)."""
+    return (x > 0).float() - (x < 0).float()
+
+
+def _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
+                          task_offset=0):
+    """tau_hat_t = tau_t * scale_t where kept by the trim, DARE and consensus; else 0."""
+    deltas = task_deltas(base, finetuned)
+    n = deltas[0].numel()
+    index = torch.arange(n, dtype=torch.int64, device=deltas[0].device)
+    cons = _consensus_bits(consensus, n)
+    out = []
+    for t, d in enumerate(deltas):
+        key = magnitude_keys(d)
+        t_key = _threshold_key(thresholds[t])
+        keep = (key > t_key) | ((key == t_key) & (index <= int(tie_cutoffs[t])))
+        if dare_keep[t] < DARE_KEEP_ONE:
+            keep &= dare_keep_mask(n, seed, task_offset + t, dare_keep[t], d.device)
+        if cons is not None:
+            keep &= cons
+        out.append(torch.where(keep, d * scales[t], torch.zeros_like(d)))
+    return out
+
+
+def _election(values, weights, elect, elect_weighted):
+    """Per task the values the election sums (weighted or not; signs for "count"), and the sum."""
+    elected = []
+    total = None
+    for t, v in enumerate(values):
+        e = v * weights[t] if elect_weighted else v
+        if elect == "count":
+            e = _sign(e)
+        elected.append(e)
+        total = e if total is None else total + e
+    return elected, total
+
+
+def elect_sign_total(
+    base: Tensor | None,
+    finetuned: Sequence[Tensor],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    thresholds: Tensor,
+    tie_cutoffs: Tensor,
+    seed: int,
+    dare_keep: Sequence[int],
+    elect: str = "sum",
+    elect_weighted: bool = False,
+    consensus: Tensor | None = None,
+) -> Tensor:
+    """int64 0-d: ``sum_i sign(S_i)`` over the elected sums ``S``; its sign is the
+    ``zero_sign="majority"`` fill (the TIES paper's ``resolve_zero_signs``)."""
+    values = _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus)
+    _, total = _election(values, weights, elect, elect_weighted)
+    return _sign(total).to(torch.int64).sum()
+
+
+def merge_fused(
+    base: Tensor | None,
+    finetuned: Sequence[Tensor],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    thresholds: Tensor,
+    tie_cutoffs: Tensor,
+    seed: int,
+    dare_keep: Sequence[int],
+    consensus: Tensor | None,
+    elect: str,
+    elect_weighted: bool,
+    zero_fill: int,
+    merge: str,
+    divisor: str,
+    lam: float,
+    allow_nonfinite: bool,
+    out: Tensor,
+    task_offset: int = 0,
+) -> None:
+    """Writes ``base + lam * merged`` (``lam * merged`` without base) into ``out``.
+
+    With ``tau_hat_t`` the trimmed, DARE'd, rescaled task vectors, ``e_t`` the elected values
+    (``w_t tau_hat_t`` if ``elect_weighted`` else ``tau_hat_t``; their signs for "count"),
+    ``S = sum_t e_t`` (in task order) and ``gamma = sign(S)`` (``zero_fill`` where ``S = 0``):
+
+    * ``A_t = [tau_hat_t != 0 and sign(e_t) == gamma]`` (``elect="none"``: all 1),
+    * ``num = sum_t A_t w_t tau_hat_t``, ``D = sum_t A_t`` ("count") or ``sum_t A_t w_t``,
+    * merged = ``num / D`` (0 where ``D = 0``) for "mean", ``num`` for "sum", and for "max"
+      the agreeing ``w_t tau_hat_t`` of largest magnitude (lowest t on ties; 0 if none).
+
+    DARE draws task ``t``'s keep decisions from the stream of task number ``task_offset + t``
+    (so one task can be processed alone with the same mask). Raises ValueError if an input
+    holds NaN/Inf and ``allow_nonfinite`` is False.
+    """
+    if not allow_nonfinite:
+        for name, x in [("base", base)] + [(f"finetuned[{t}]", f) for t, f in enumerate(finetuned)]:
+            if x is not None and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} contains NaN or Inf; pass allow_nonfinite=True to merge it anyway")
+    values = _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
+                                   task_offset)
+    n = values[0].numel()
+    if elect == "none":
+        merged = torch.zeros(n, dtype=torch.float32, device=values[0].device)
+        for t, v in enumerate(values):
+            merged = merged + v * weights[t]
+    else:
+        elected, total = _election(values, weights, elect, elect_weighted)
+        gamma = torch.where(total == 0, torch.full_like(total, float(zero_fill)), _sign(total))
+        num = torch.zeros_like(total)
+        den = torch.zeros_like(total)
+        best = torch.zeros_like(total)
+        for t, v in enumerate(values):
+            agree = (v != 0) & (_sign(elected[t]) == gamma)
+            wv = v * weights[t]
+            num = num + torch.where(agree, wv, torch.zeros_like(wv))
+            share = 1.0 if divisor == "count" else weights[t]
+            den = den + torch.where(agree, torch.full_like(wv, share), torch.zeros_like(wv))
+            best = torch.where(agree & (wv.abs() > best.abs()), wv, best)
+        if merge == "mean":
+            safe_den = torch.where(den != 0, den, torch.ones_like(den))
+            merged = torch.where(den != 0, num / safe_den, torch.zeros_like(num))
+        elif merge == "sum":
+            merged = num
+        else:
+            merged = best
+    result = merged * lam if base is None else base.reshape(-1).float() + merged * lam
+    out.copy_(result.reshape(out.shape))
+
+
+# ---- TALL masks and Consensus ----------------------------------------------------------------
+
+
+def tall_masks(
+    base: Tensor | None, finetuned: Sequence[Tensor], merged: Tensor, lams: Sequence[float]
+) -> Tensor:
+    """uint8 ``[T, ceil(n/8)]``: packed ``m_t = |tau_t| > lam_t * |merged - tau_t|`` (float32)."""
+    deltas = task_deltas(base, finetuned)
+    mtl = merged.reshape(-1).float()
+    rows = [pack_bits(d.abs() > lams[t] * (mtl - d).abs()) for t, d in enumerate(deltas)]
+    n = merged.numel()
+    if not rows:
+        return torch.zeros((0, (n + 7) // 8), dtype=torch.uint8, device=merged.device)
+    return torch.stack(rows)
+
+
+def consensus_mask(masks: Tensor, k: int = 2) -> Tensor:
+    """uint8 ``[nbytes]``: bits set where at least ``k`` of the ``T`` packed masks are set."""
+    nbytes = masks.shape[-1]
+    bits = [unpack_bits(m, 8 * nbytes).to(torch.int32) for m in masks]
+    count = torch.stack(bits).sum(dim=0) if bits else torch.zeros(8 * nbytes, dtype=torch.int32)
+    return pack_bits(count >= k)
