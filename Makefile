@@ -15,6 +15,10 @@ $(VENV)/.stamp-deps: Makefile
 	# torch first, by exact version: a bare `torch` requirement pulls a multi-GB CUDA build
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet numpy pytest ruff ninja pybind11 setuptools wheel "triton>=3.2"
+	# Peers for the parity tests and benchmarks. --no-deps: their full requirements pull
+	# transformers and an unpinned (CUDA) torch; these few packages are all their merge code needs.
+	$(PIP) install --quiet --no-deps peft==0.21.2 mergekit==0.1.5 pydantic==2.14.3 pydantic-core==2.50.4 \
+		annotated-types==0.8.0 typing-inspection==0.4.5
 	touch $@
 
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py pyproject.toml $(CSRC)

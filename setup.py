@@ -35,8 +35,10 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function",
-                 "-Wno-c++20-extensions"]
+    # -ffp-contract=off: no FMA contraction, so every backend does the same float32 roundings;
+    # -fno-trapping-math lets GCC vectorize float compares and selects (no effect on results)
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math", "-Wall",
+                 "-Wno-unused-function", "-Wno-c++20-extensions"]
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = _env_flag("MTMERGE_FORCE_CUDA") or (

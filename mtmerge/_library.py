@@ -75,7 +75,7 @@ _OPS: dict[str, tuple[str, Callable[..., Any], str]] = {
         "merge_fused(Tensor? base, Tensor[] finetuned, float[] weights, float[] scales, Tensor thresholds, "
         "Tensor tie_cutoffs, int seed, int[] dare_keep, Tensor? consensus, str elect, bool elect_weighted, "
         "int zero_fill, str merge, str divisor, float lam, bool allow_nonfinite, Tensor(a!) out, "
-        "int task_offset=0) -> ()",
+        "int task_offset=0, bool with_base=True) -> ()",
         ref_merge.merge_fused,
         "mtmerge.kernels.merge:merge_fused",
     ),
@@ -139,7 +139,8 @@ def _elect_sign_total_fake(base, finetuned, weights, scales, thresholds, tie_cut
 
 @torch.library.register_fake(f"{NAMESPACE}::merge_fused")
 def _merge_fused_fake(base, finetuned, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
-                      elect, elect_weighted, zero_fill, merge, divisor, lam, allow_nonfinite, out, task_offset=0):
+                      elect, elect_weighted, zero_fill, merge, divisor, lam, allow_nonfinite, out, task_offset=0,
+                      with_base=True):
     return None
 
 

@@ -325,11 +325,12 @@ def _check_out(out: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _k_for(density: float, n: int, k_rule: str) -> int:
-    """Entries the trim keeps: ``int(d * n)`` (peft, the paper); mergekit keeps at least 1."""
+    """Entries the trim keeps: ``int(d * n)`` (peft, the paper); mergekit keeps at least 1
+    when ``d > 0``."""
     if density >= 1.0:
         return n
     k = int(density * n)
-    if k_rule == "at_least_one" and n > 0:
+    if k_rule == "at_least_one" and n > 0 and density > 0:  # mergekit: density 0 keeps nothing
         k = max(1, k)
     return min(k, n)
 
@@ -356,8 +357,6 @@ def _thresholds_from(thresholds, base: Tensor | None, xs: list[Tensor], consensu
     """``thresholds=``: T floats (keep ``|tau| >= t``), or T ``(threshold, ties_kept)`` pairs
     such as :class:`MagnitudeThreshold` (keep ``> t`` plus the first ``ties_kept`` ties)."""
     count, device = len(xs), xs[0].device
-    if isinstance(thresholds, _ThresholdsDone):
-        return thresholds.thresholds, thresholds.tie_cutoffs
     if isinstance(thresholds, MagnitudeThreshold):  # one pair of [T] (or 0-d, T = 1) tensors
         thresholds = list(zip(thresholds.threshold.reshape(-1), thresholds.ties_kept.reshape(-1), strict=True))
     if isinstance(thresholds, Tensor):
@@ -381,7 +380,18 @@ def _thresholds_from(thresholds, base: Tensor | None, xs: list[Tensor], consensu
     return values, torch.ops.mtmerge.tie_cutoffs(base, xs, values, pairs, consensus)
 
 
-def _run_merge(
+def _run_merge(*args, name: str = "finetuned", **kwargs) -> Tensor:
+    """:func:`_merge_passes`, with errors naming the caller's argument (the ops say "finetuned")."""
+    try:
+        return _merge_passes(*args, **kwargs)
+    except ValueError as exc:
+        if name == "finetuned":
+            raise
+        message = str(exc).replace("finetuned[0]", name) if "[" in name else str(exc).replace("finetuned", name)
+        raise ValueError(message) from None
+
+
+def _merge_passes(
     base: Tensor | None,
     xs: list[Tensor],
     *,
@@ -397,10 +407,13 @@ def _run_merge(
     consensus: Tensor | None = None,
     allow_nonfinite: bool = False,
     task_offset: int = 0,
+    ks: list[int] | None = None,
 ) -> Tensor:
     """Selection pass(es), then one ``merge_fused`` pass into ``out``. ``knobs=None``: a
-    linear merge (``sum_t w_t tau_hat_t``, no election)."""
+    linear merge (``sum_t w_t tau_hat_t``, no election). ``ks``: explicit trim sizes, and a
+    linear merge with ``knobs.selection`` (magnitude_prune)."""
     count, n, device = len(xs), xs[0].numel(), xs[0].device
+    linear = knobs is None or ks is not None
     if sparsify not in SPARSIFIERS:
         raise ValueError(f"sparsify must be one of {SPARSIFIERS}, got {sparsify!r}")
     if rescale not in RESCALES:
@@ -411,7 +424,8 @@ def _run_merge(
     if sparsify == "magnitude" and thresholds is not None:
         thr, cut = _thresholds_from(thresholds, base, xs, consensus)
     elif sparsify == "magnitude":
-        ks = [_k_for(d, n, knobs.k_rule if knobs else "floor") for d in densities]
+        if ks is None:
+            ks = [_k_for(d, n, knobs.k_rule if knobs else "floor") for d in densities]
         thr, cut = torch.ops.mtmerge.delta_threshold(base, xs, ks, knobs.selection if knobs else "exact",
                                                      bool(allow_nonfinite), consensus)
     else:
@@ -425,7 +439,7 @@ def _run_merge(
             sums = torch.ops.mtmerge.dare_abs_sums(base, xs, seed, dare_keep, task_offset).tolist()
             scales = [before / after if before >= 1e-7 and after >= 1e-7 else 1.0 for before, after in sums]
     seed = 0 if seed is None else seed
-    if knobs is None:
+    if linear:
         elect, elect_weighted, zero_fill, merge, divisor = "none", False, 1, "sum", "count"
     else:
         elect, elect_weighted, merge, divisor = knobs.elect, knobs.elect_weighted, knobs.merge, knobs.divisor
@@ -433,8 +447,9 @@ def _run_merge(
         if knobs.zero_sign == "majority":
             total = int(torch.ops.mtmerge.elect_sign_total(base, xs, weights, scales, thr, cut, seed, dare_keep,
                                                            elect, elect_weighted, consensus))
-            # The paper's resolve_zero_signs: sign of the sum of signs; a tie keeps negatives.
-            zero_fill = 1 if total > 0 else -1
+            # The paper's resolve_zero_signs: the sign of the sum of elected signs (0 if that
+            # is 0 too: the merge then keeps negatives for "mean" and gives 0 for "max").
+            zero_fill = (total > 0) - (total < 0)
     torch.ops.mtmerge.merge_fused(base, xs, weights, scales, thr, cut, seed, dare_keep, consensus, elect,
                                   elect_weighted, zero_fill, merge, divisor, lam, bool(allow_nonfinite), out,
                                   task_offset)
@@ -605,7 +620,7 @@ def ties(
     out = _check_out(out, xs[0])
     return _run_merge(None, xs, out=out, weights=_check_weights(weights, len(xs)),
                       densities=_check_densities(density, len(xs)), lam=1.0, knobs=knobs,
-                      allow_nonfinite=allow_nonfinite)
+                      allow_nonfinite=allow_nonfinite, name="task_vectors")
 
 
 def magnitude_prune(
@@ -631,14 +646,8 @@ def magnitude_prune(
     knobs = TiesKnobs(selection=selection, k_rule=k_rule)
     out = _check_out(out, task_vector)
     ks = [_k_for(_check_densities(density, 1)[0], task_vector.numel(), k_rule)]
-    thr, cut = torch.ops.mtmerge.delta_threshold(None, xs, ks, knobs.selection, bool(allow_nonfinite), None)
-    return _run_merge(None, xs, out=out, weights=[1.0], densities=None, lam=1.0, knobs=None,
-                      thresholds=_ThresholdsDone(thr, cut), allow_nonfinite=allow_nonfinite)
-
-
-class _ThresholdsDone(NamedTuple):
-    thresholds: Tensor
-    tie_cutoffs: Tensor
+    return _run_merge(None, xs, out=out, weights=[1.0], densities=None, lam=1.0, knobs=knobs, ks=ks,
+                      allow_nonfinite=allow_nonfinite, name="task_vector")
 
 
 def dare(
@@ -677,7 +686,8 @@ def dare(
     for t, x in enumerate(xs):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         _run_merge(None, [x], out=out, weights=[1.0], densities=[densities[t]], lam=1.0, knobs=None,
-                   sparsify="dare", seed=seed, rescale=rescale, allow_nonfinite=allow_nonfinite, task_offset=t)
+                   sparsify="dare", seed=seed, rescale=rescale, allow_nonfinite=allow_nonfinite, task_offset=t,
+                   name=f"task_vectors[{t}]")
         result.append(out)
     return result
 
@@ -702,7 +712,8 @@ def dare_linear(
         w = [v / total for v in w] if abs(total) >= 1e-8 else w
     out = _check_out(out, xs[0])
     return _run_merge(None, xs, out=out, weights=w, densities=_check_densities(density, len(xs)), lam=1.0,
-                      knobs=None, sparsify="dare", seed=seed, rescale=rescale, allow_nonfinite=allow_nonfinite)
+                      knobs=None, sparsify="dare", seed=seed, rescale=rescale, allow_nonfinite=allow_nonfinite,
+                      name="task_vectors")
 
 
 def dare_ties(
@@ -721,15 +732,17 @@ def dare_ties(
     out: Tensor | None = None,
     allow_nonfinite: bool = False,
 ) -> Tensor:
-    """DARE instead of TIES' magnitude trim, then TIES' sign election and disjoint merge
-    (mergekit's ``dare_ties``: use ``flavor="mergekit", rescale="l1"``). Knobs as :func:`ties`."""
+    """DARE instead of TIES' magnitude trim, then TIES' sign election and disjoint merge.
+
+    mergekit's ``dare_ties`` (which does not normalize by default) is ``flavor="mergekit",
+    merge="sum", rescale="l1"`` up to the random mask. Knobs as :func:`ties`."""
     xs = _check_task_inputs(None, task_vectors, "task_vectors")
     knobs = resolve_knobs(flavor, elect=elect, elect_weighted=elect_weighted, zero_sign=zero_sign, merge=merge,
                           divisor=divisor)
     out = _check_out(out, xs[0])
     return _run_merge(None, xs, out=out, weights=_check_weights(weights, len(xs)),
                       densities=_check_densities(density, len(xs)), lam=1.0, knobs=knobs, sparsify="dare",
-                      seed=seed, rescale=rescale, allow_nonfinite=allow_nonfinite)
+                      seed=seed, rescale=rescale, allow_nonfinite=allow_nonfinite, name="task_vectors")
 
 
 def tall_masks(
@@ -830,7 +843,7 @@ def consensus_merge(
     mtl = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     torch.ops.mtmerge.merge_fused(base, xs, w, [1.0] * len(xs), *_keep_everything(len(xs), base.device), 0,
                                   [_DARE_KEEP_ONE] * len(xs), None, "none", False, 1, "sum", "count", 1.0,
-                                  bool(allow_nonfinite), mtl, 0)
+                                  bool(allow_nonfinite), mtl, 0, False)
     cons = consensus_mask(tall_masks(xs, mtl, tall_lam, base=base), k)
     del mtl
     if method == "task_arithmetic":

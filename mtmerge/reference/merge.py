@@ -198,11 +198,11 @@ def _check_finite_keys(key: Tensor, t: int, allow_nonfinite: bool) -> None:
 
 def _cutoff_for(key: Tensor, t_key: int, ties_kept: int) -> int:
     """Flat index of the last tie kept when the first ``ties_kept`` entries equal to t are."""
+    if ties_kept <= 0:
+        return -1
     tie_positions = torch.nonzero(key == t_key).reshape(-1)
     if ties_kept >= tie_positions.numel():
         return INT64_MAX
-    if ties_kept <= 0:
-        return -1
     return int(tie_positions[ties_kept - 1])
 
 
@@ -261,7 +261,8 @@ def tie_cutoffs(
     consensus: Tensor | None = None,
 ) -> Tensor:
     """int64 ``[T]``: the tie cutoff that keeps the first ``ties_kept[t]`` entries whose
-    magnitude equals ``thresholds[t]`` (``INT64_MAX`` if that is all of them, ``-1`` if 0)."""
+    magnitude equals ``thresholds[t]`` (``-1`` if that is 0, else ``INT64_MAX`` if that is all
+    of them)."""
     _, keys = _task_keys(base, finetuned, consensus, allow_nonfinite=True)
     out = [_cutoff_for(key, _threshold_key(thresholds[t]), int(ties_kept[t])) for t, key in enumerate(keys)]
     return torch.tensor(out, dtype=torch.int64, device=finetuned[0].device)
@@ -420,17 +421,22 @@ def merge_fused(
     allow_nonfinite: bool,
     out: Tensor,
     task_offset: int = 0,
+    with_base: bool = True,
 ) -> None:
-    """Writes ``base + lam * merged`` (``lam * merged`` without base) into ``out``.
+    """Writes ``base + lam * merged`` into ``out`` (``lam * merged`` without base or with
+    ``with_base=False``).
 
     With ``tau_hat_t`` the trimmed, DARE'd, rescaled task vectors, ``e_t`` the elected values
     (``w_t tau_hat_t`` if ``elect_weighted`` else ``tau_hat_t``; their signs for "count"),
-    ``S = sum_t e_t`` (in task order) and ``gamma = sign(S)`` (``zero_fill`` where ``S = 0``):
+    ``S = sum_t e_t`` (in task order) and ``gamma = sign(S)`` (``zero_fill``, one of 1, -1, 0,
+    where ``S = 0``):
 
-    * ``A_t = [tau_hat_t != 0 and sign(e_t) == gamma]`` (``elect="none"``: all 1),
+    * ``A_t = [tau_hat_t != 0 and sign(e_t) == gamma]`` (``elect="none"``: all 1); where
+      ``gamma = 0`` the negative ``e_t`` agree (the TIES paper's ``where(gamma > 0, ...)``),
     * ``num = sum_t A_t w_t tau_hat_t``, ``D = sum_t A_t`` ("count") or ``sum_t A_t w_t``,
-    * merged = ``num / D`` (0 where ``D = 0``) for "mean", ``num`` for "sum", and for "max"
-      the agreeing ``w_t tau_hat_t`` of largest magnitude (lowest t on ties; 0 if none).
+    * merged = ``num / D`` for "mean" (``num`` where ``D = 0``, mergekit's rule: that is 0
+      unless agreeing weights cancel), ``num`` for "sum", and for "max" the agreeing
+      ``w_t tau_hat_t`` of largest magnitude (lowest t on ties; 0 if none or ``gamma = 0``).
 
     DARE draws task ``t``'s keep decisions from the stream of task number ``task_offset + t``
     (so one task can be processed alone with the same mask). Raises ValueError if an input
@@ -454,7 +460,7 @@ def merge_fused(
         den = torch.zeros_like(total)
         best = torch.zeros_like(total)
         for t, v in enumerate(values):
-            agree = (v != 0) & (_sign(elected[t]) == gamma)
+            agree = (v != 0) & torch.where(gamma > 0, elected[t] > 0, elected[t] < 0)
             wv = v * weights[t]
             num = num + torch.where(agree, wv, torch.zeros_like(wv))
             share = 1.0 if divisor == "count" else weights[t]
@@ -462,12 +468,12 @@ def merge_fused(
             best = torch.where(agree & (wv.abs() > best.abs()), wv, best)
         if merge == "mean":
             safe_den = torch.where(den != 0, den, torch.ones_like(den))
-            merged = torch.where(den != 0, num / safe_den, torch.zeros_like(num))
+            merged = torch.where(den != 0, num / safe_den, num)
         elif merge == "sum":
             merged = num
         else:
-            merged = best
-    result = merged * lam if base is None else base.reshape(-1).float() + merged * lam
+            merged = torch.where(gamma != 0, best, torch.zeros_like(best))
+    result = merged * lam if base is None or not with_base else base.reshape(-1).float() + merged * lam
     out.copy_(result.reshape(out.shape))
 
 

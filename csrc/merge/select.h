@@ -1,0 +1,565 @@
+// Radix selection of the k-th largest magnitude, shared by the merge kernels
+// (select.cpp: magnitude_threshold / threshold_mask; ties.cpp: the fused merge).
+//
+// Radix selection on bit patterns. For IEEE floats with the sign bit cleared, the unsigned
+// integer order of the bit pattern is the order of |x| (+inf included; NaN sorts above inf
+// and is rejected). So the k-th largest |x| is found digit by digit, most significant first:
+// one histogram of the top digit over all the data, pick the bin that holds the k-th
+// largest, then resolve the next digit among the entries of that bin only. After the first
+// pass the entries of the chosen bin are usually few, so they are copied into a small
+// candidate buffer and the later digits never touch the full data again.
+//
+// Determinism: every reduction here is an integer count, merged in any order to the same
+// value, so results do not depend on the thread count or chunking.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string_view>
+#include <vector>
+
+#include "common/simd.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+
+namespace mtmerge {
+namespace {  // each translation unit gets its own copy (and its own ISA clones)
+
+
+// ---------------------------------------------------------------------------------------
+// Hot loops. Each is compiled per ISA (MTMERGE_CLONES); the bodies are templates on the key
+// width (uint32_t for fp32, uint16_t for bf16/fp16), force-inlined into each clone.
+// ---------------------------------------------------------------------------------------
+
+// Counts digits of |x| keys: hist[(key >> shift) & digit_mask] for keys whose bits under
+// prefix_mask equal prefix. Also counts keys above inf_key (NaN) when count_nan is set.
+// Two interleaved sub-histograms halve the store-to-load dependency chains.
+template <typename K>
+MTMERGE_ALWAYS_INLINE void histogram_body(const K* keys, int64_t n, uint32_t abs_mask,
+                                          uint32_t prefix, uint32_t prefix_mask, int shift,
+                                          uint32_t digit_mask, uint32_t inf_key, int64_t* hist,
+                                          int64_t* nan_count) {
+  constexpr int64_t kFlushEvery = int64_t(1) << 30;  // keep uint32 sub-counts from overflowing
+  const int64_t nbins = int64_t(digit_mask) + 1;
+  std::vector<uint32_t> sub(2 * nbins + 1);  // h0, h1 and one spare bin for filtered-out keys
+  uint32_t* h0 = sub.data() + nbins;  // h0[nbins] is the spare bin
+  uint32_t* h1 = sub.data();
+  int64_t nan = 0;
+  for (int64_t start = 0; start < n; start += kFlushEvery) {
+    const int64_t stop = std::min(n, start + kFlushEvery);
+    std::fill(sub.begin(), sub.end(), 0u);
+    if (prefix_mask == 0) {
+      int64_t i = start;
+      for (; i + 1 < stop; i += 2) {
+        const uint32_t a = uint32_t(keys[i]) & abs_mask;
+        const uint32_t b = uint32_t(keys[i + 1]) & abs_mask;
+        nan += (a > inf_key) + (b > inf_key);
+        ++h0[(a >> shift) & digit_mask];
+        ++h1[(b >> shift) & digit_mask];
+      }
+      for (; i < stop; ++i) {
+        const uint32_t a = uint32_t(keys[i]) & abs_mask;
+        nan += a > inf_key;
+        ++h0[(a >> shift) & digit_mask];
+      }
+    } else {
+      // Branch-free filter: entries outside the prefix land in a spare bin past the end
+      // (matches are data-dependent and mispredict badly as branches).
+      for (int64_t i = start; i < stop; ++i) {
+        const uint32_t a = uint32_t(keys[i]) & abs_mask;
+        const uint32_t bin = (a & prefix_mask) == prefix ? (a >> shift) & digit_mask : uint32_t(nbins);
+        ++h0[bin];
+      }
+    }
+    for (int64_t b = 0; b < nbins; ++b) hist[b] += int64_t(h0[b]) + int64_t(h1[b]);
+  }
+  *nan_count += nan;
+}
+
+// Appends the |x| keys whose bits under prefix_mask equal prefix to out; returns how many.
+template <typename K>
+MTMERGE_ALWAYS_INLINE int64_t gather_body(const K* keys, int64_t n, uint32_t abs_mask,
+                                          uint32_t prefix, uint32_t prefix_mask, K* out) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const K a = K(uint32_t(keys[i]) & abs_mask);
+    out[count] = a;  // branch-free compaction: written always, kept only on a match
+    count += (uint32_t(a) & prefix_mask) == prefix;
+  }
+  return count;
+}
+
+// out[i] = |x_i| > t (or >= t when geq), as bytes 0/1. Returns how many |x_i| == t.
+template <typename K>
+MTMERGE_ALWAYS_INLINE int64_t compare_body(const K* keys, int64_t n, uint32_t abs_mask, uint32_t t,
+                                           bool geq, bool* out) {
+  const uint32_t bound = geq ? t : t + 1;  // key > t  <=>  key >= t + 1 (t <= inf, no wrap)
+  int64_t equal = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = uint32_t(keys[i]) & abs_mask;
+    out[i] = a >= bound;
+    equal += a == t;
+  }
+  return equal;
+}
+
+// Same comparison, bit-packed: bit j of out[i] is entry 8i+j (numpy bitorder="little").
+template <typename K>
+MTMERGE_ALWAYS_INLINE int64_t compare_packed_body(const K* keys, int64_t n, uint32_t abs_mask,
+                                                  uint32_t t, bool geq, uint8_t* out) {
+  const uint32_t bound = geq ? t : t + 1;
+  const int64_t full_bytes = n / 8;
+  int64_t equal = 0;
+  for (int64_t i = 0; i < full_bytes; ++i) {
+    uint32_t byte = 0;
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t a = uint32_t(keys[8 * i + j]) & abs_mask;
+      byte |= uint32_t(a >= bound) << j;
+      equal += a == t;
+    }
+    out[i] = uint8_t(byte);
+  }
+  if (n % 8) {
+    uint32_t byte = 0;
+    for (int64_t j = 0; j < n % 8; ++j) {
+      const uint32_t a = uint32_t(keys[8 * full_bytes + j]) & abs_mask;
+      byte |= uint32_t(a >= bound) << j;
+      equal += a == t;
+    }
+    out[full_bytes] = uint8_t(byte);
+  }
+  return equal;
+}
+
+#define MTMERGE_STAMP_KEY_LOOPS(K, SUFFIX)                                                        \
+  MTMERGE_CLONES void histogram_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,             \
+                                         uint32_t prefix, uint32_t prefix_mask, int shift,        \
+                                         uint32_t digit_mask, uint32_t inf_key, int64_t* hist,    \
+                                         int64_t* nan_count) {                                    \
+    histogram_body<K>(keys, n, abs_mask, prefix, prefix_mask, shift, digit_mask, inf_key, hist,   \
+                      nan_count);                                                                 \
+  }                                                                                               \
+  MTMERGE_CLONES int64_t gather_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,             \
+                                         uint32_t prefix, uint32_t prefix_mask, K* out) {         \
+    return gather_body<K>(keys, n, abs_mask, prefix, prefix_mask, out);                           \
+  }                                                                                               \
+  MTMERGE_CLONES int64_t compare_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask, uint32_t t, \
+                                          bool geq, bool* out) {                                  \
+    return compare_body<K>(keys, n, abs_mask, t, geq, out);                                       \
+  }                                                                                               \
+  MTMERGE_CLONES int64_t compare_packed_##SUFFIX(const K* keys, int64_t n, uint32_t abs_mask,     \
+                                                 uint32_t t, bool geq, uint8_t* out) {            \
+    return compare_packed_body<K>(keys, n, abs_mask, t, geq, out);                                \
+  }
+
+MTMERGE_STAMP_KEY_LOOPS(uint32_t, u32)
+MTMERGE_STAMP_KEY_LOOPS(uint16_t, u16)
+#undef MTMERGE_STAMP_KEY_LOOPS
+
+// Window pass: one read of the data that counts keys above hi and NaN keys, and copies the
+// keys in [lo, hi] (widened to uint32) to out. out needs room for count + n + 16 entries:
+// the vector versions store whole registers past the kept entries.
+struct WindowTally {
+  int64_t above = 0;
+  int64_t nan = 0;
+  int64_t kept = 0;
+};
+
+template <typename K>
+MTMERGE_ALWAYS_INLINE void window_scalar_body(const K* keys, int64_t n, uint32_t abs_mask, uint32_t lo,
+                                              uint32_t hi, uint32_t inf_key, uint32_t* out, WindowTally& tally) {
+  int64_t above = 0, nan = 0, kept = tally.kept;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = uint32_t(keys[i]) & abs_mask;
+    above += a > hi;
+    nan += a > inf_key;
+    out[kept] = a;  // branch-free compaction
+    kept += (a >= lo) & (a <= hi);
+  }
+  tally.above += above;
+  tally.nan += nan;
+  tally.kept = kept;
+}
+
+template <typename K>
+void window_scalar(const K* keys, int64_t n, uint32_t abs_mask, uint32_t lo, uint32_t hi, uint32_t inf_key,
+                   uint32_t* out, WindowTally& tally) {
+  window_scalar_body<K>(keys, n, abs_mask, lo, hi, inf_key, out, tally);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX-512: compare 16 keys at once, compress the kept ones into a register, store it whole.
+template <typename K>
+__attribute__((target("avx512f,popcnt"))) void window_avx512(const K* keys, int64_t n, uint32_t abs_mask,
+                                                             uint32_t lo, uint32_t hi, uint32_t inf_key,
+                                                             uint32_t* out, WindowTally& tally) {
+  const __m512i vmask = _mm512_set1_epi32(int(abs_mask));
+  const __m512i vlo = _mm512_set1_epi32(int(lo));
+  const __m512i vhi = _mm512_set1_epi32(int(hi));
+  const __m512i vinf = _mm512_set1_epi32(int(inf_key));
+  int64_t above = 0, nan = 0, kept = tally.kept, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512i raw;
+    if constexpr (sizeof(K) == 4) {
+      raw = _mm512_loadu_si512(keys + i);
+    } else {
+      raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i)));
+    }
+    const __m512i a = _mm512_and_si512(raw, vmask);
+    const __mmask16 gt_hi = _mm512_cmpgt_epu32_mask(a, vhi);
+    const __mmask16 in_window = _mm512_cmpge_epu32_mask(a, vlo) & __mmask16(~gt_hi);
+    above += __builtin_popcount(gt_hi);
+    nan += __builtin_popcount(_mm512_cmpgt_epu32_mask(a, vinf));
+    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(in_window, a));
+    kept += __builtin_popcount(in_window);
+  }
+  tally.above += above;
+  tally.nan += nan;
+  tally.kept = kept;
+  window_scalar_body<K>(keys + i, n - i, abs_mask, lo, hi, inf_key, out, tally);
+}
+
+// AVX2 has no compress: a 256-entry table of lane permutations does it, 8 keys at a time.
+struct CompressTable {
+  alignas(32) int32_t lanes[256][8];
+  CompressTable() {
+    for (int m = 0; m < 256; ++m) {
+      int next = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (m & (1 << lane)) lanes[m][next++] = lane;
+      while (next < 8) lanes[m][next++] = 0;
+    }
+  }
+};
+const CompressTable kCompressTable;
+
+template <typename K>
+__attribute__((target("avx2,popcnt"))) void window_avx2(const K* keys, int64_t n, uint32_t abs_mask, uint32_t lo,
+                                                        uint32_t hi, uint32_t inf_key, uint32_t* out,
+                                                        WindowTally& tally) {
+  // Keys are below 2^31 (sign bit cleared), so AVX2's signed compares order them correctly.
+  const __m256i vmask = _mm256_set1_epi32(int(abs_mask));
+  const __m256i vlo_minus_1 = _mm256_set1_epi32(int(lo) - 1);
+  const __m256i vhi = _mm256_set1_epi32(int(hi));
+  const __m256i vinf = _mm256_set1_epi32(int(inf_key));
+  int64_t above = 0, nan = 0, kept = tally.kept, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256i raw;
+    if constexpr (sizeof(K) == 4) {
+      raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    } else {
+      raw = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + i)));
+    }
+    const __m256i a = _mm256_and_si256(raw, vmask);
+    const __m256i gt_hi = _mm256_cmpgt_epi32(a, vhi);
+    const __m256i in_window = _mm256_andnot_si256(gt_hi, _mm256_cmpgt_epi32(a, vlo_minus_1));
+    const int m = _mm256_movemask_ps(_mm256_castsi256_ps(in_window));
+    above += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(gt_hi)));
+    nan += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, vinf))));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressTable.lanes[m]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kept), _mm256_permutevar8x32_epi32(a, perm));
+    kept += __builtin_popcount(m);
+  }
+  tally.above += above;
+  tally.nan += nan;
+  tally.kept = kept;
+  window_scalar_body<K>(keys + i, n - i, abs_mask, lo, hi, inf_key, out, tally);
+}
+#endif
+
+template <typename K>
+using WindowFn = void (*)(const K*, int64_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t*, WindowTally&);
+
+// The best window pass for this CPU, chosen once at run time. MTMERGE_MAX_ISA=avx2 or
+// =default caps the choice (tests use it to run every version on one machine).
+template <typename K>
+WindowFn<K> best_window_fn() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* cap_env = std::getenv("MTMERGE_MAX_ISA");
+  const std::string_view cap = cap_env ? cap_env : "";
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && (cap.empty() || cap == "avx512f")) return &window_avx512<K>;
+  if (__builtin_cpu_supports("avx2") && cap != "default") return &window_avx2<K>;
+#endif
+  return &window_scalar<K>;
+}
+
+template <typename K>
+WindowFn<K> window_fn() {
+  static const WindowFn<K> chosen = best_window_fn<K>();
+  return chosen;
+}
+
+// Overloads so the templated drivers below can call the stamped loops by key type.
+struct Loops32 {
+  static constexpr auto histogram = histogram_u32;
+  static constexpr auto gather = gather_u32;
+  static constexpr auto compare = compare_u32;
+  static constexpr auto compare_packed = compare_packed_u32;
+};
+struct Loops16 {
+  static constexpr auto histogram = histogram_u16;
+  static constexpr auto gather = gather_u16;
+  static constexpr auto compare = compare_u16;
+  static constexpr auto compare_packed = compare_packed_u16;
+};
+
+// ---------------------------------------------------------------------------------------
+// Key formats per dtype.
+// ---------------------------------------------------------------------------------------
+
+struct Digit {
+  int shift;
+  int bits;
+};
+
+struct KeyFormat {
+  uint32_t abs_mask;  // clears the sign bit
+  uint32_t inf_key;   // bit pattern of +inf; anything above is NaN
+  std::vector<Digit> digits;  // most significant first, covering every bit of abs_mask
+};
+
+KeyFormat key_format(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:  // 31 bits: 11 + 11 + 9; 2048 bins of uint32 fit in L1
+      return {0x7fffffffu, 0x7f800000u, {{20, 11}, {9, 11}, {0, 9}}};
+    case at::kBFloat16:  // 15 bits: 11 + 4
+      return {0x7fffu, 0x7f80u, {{4, 11}, {0, 4}}};
+    case at::kHalf:
+      return {0x7fffu, 0x7c00u, {{4, 11}, {0, 4}}};
+    default:
+      break;
+  }
+  TORCH_CHECK_TYPE(false, "x must be float32, bfloat16 or float16, got ", dtype);
+  return {};  // unreachable
+}
+
+// ---------------------------------------------------------------------------------------
+// A list of tensors seen as one flat vector of keys, walked in chunks.
+// ---------------------------------------------------------------------------------------
+
+template <typename K>
+struct KeySegments {
+  std::vector<const K*> data;
+  std::vector<int64_t> offsets;  // offsets[i] = flat index where segment i starts; back() = total
+
+  int64_t total() const { return offsets.back(); }
+
+  // Calls fn(ptr, len) for each piece of segments overlapping the flat range [begin, end).
+  template <typename Fn>
+  void for_each_piece(int64_t begin, int64_t end, Fn&& fn) const {
+    auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
+    for (size_t s = size_t(it - offsets.begin()) - 1; s < data.size() && offsets[s] < end; ++s) {
+      const int64_t lo = std::max(begin, offsets[s]);
+      const int64_t hi = std::min(end, offsets[s + 1]);
+      if (hi > lo) fn(data[s] + (lo - offsets[s]), hi - lo);
+    }
+  }
+};
+
+constexpr int64_t kGrain = int64_t(1) << 16;
+
+// Source: anything with total() and for_each_piece(begin, end, fn(const K*, len)) -- a
+// KeySegments, or a view that computes keys on the fly (ties.cpp's task-vector source).
+template <typename K, typename Loops, typename Source>
+std::vector<int64_t> parallel_histogram(const Source& segs, const KeyFormat& fmt,
+                                        uint32_t prefix, uint32_t prefix_mask, Digit digit,
+                                        int64_t* nan_count) {
+  const int64_t nbins = int64_t(1) << digit.bits;
+  const uint32_t digit_mask = uint32_t(nbins - 1);
+  std::vector<int64_t> hist(nbins, 0);
+  std::mutex merge_lock;
+  at::parallel_for(0, segs.total(), kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> local(nbins, 0);
+    int64_t local_nan = 0;
+    segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
+      Loops::histogram(p, len, fmt.abs_mask, prefix, prefix_mask, digit.shift, digit_mask,
+                       fmt.inf_key, local.data(), &local_nan);
+    });
+    std::lock_guard<std::mutex> guard(merge_lock);  // integer sums: order does not matter
+    for (int64_t b = 0; b < nbins; ++b) hist[b] += local[b];
+    *nan_count += local_nan;
+  });
+  return hist;
+}
+
+template <typename K, typename Loops, typename Source>
+std::vector<K> parallel_gather(const Source& segs, const KeyFormat& fmt, uint32_t prefix,
+                               uint32_t prefix_mask, int64_t expected) {
+  std::vector<K> out;
+  out.reserve(size_t(expected));
+  std::mutex merge_lock;
+  at::parallel_for(0, segs.total(), kGrain, [&](int64_t begin, int64_t end) {
+    // Uninitialized on purpose: only the pages the compaction writes get touched.
+    std::unique_ptr<K[]> local(new K[size_t(end - begin)]);
+    int64_t count = 0;
+    segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
+      count += Loops::gather(p, len, fmt.abs_mask, prefix, prefix_mask, local.get() + count);
+    });
+    std::lock_guard<std::mutex> guard(merge_lock);  // candidate order is irrelevant: only counts are used
+    out.insert(out.end(), local.get(), local.get() + count);
+  });
+  return out;
+}
+
+// NaN has no magnitude order: every selection path rejects it with the same ValueError.
+void reject_nan(int64_t nan_count) {
+  TORCH_CHECK_VALUE(nan_count == 0, "x contains ", nan_count, " NaN value(s); magnitude selection is undefined for NaN");
+}
+
+struct Selected {
+  uint32_t key;     // the rank-th largest |x| key
+  int64_t greater;  // entries with a larger key
+  int64_t equal;    // entries with exactly this key
+};
+
+// The rank-th largest |x| key (1 <= rank <= n) over all of source.
+template <typename K, typename Loops, typename Source>
+Selected select_rank_from_top(const Source& all, const KeyFormat& fmt, int64_t rank) {
+  std::vector<K> candidates;
+  KeySegments<K> gathered;
+  bool use_gathered = false;
+  uint32_t prefix = 0, prefix_mask = 0;
+  int64_t greater = 0, equal = 0, remaining = rank;
+  for (size_t level = 0; level < fmt.digits.size(); ++level) {
+    const Digit digit = fmt.digits[level];
+    int64_t nan_count = 0;
+    std::vector<int64_t> hist =
+        use_gathered ? parallel_histogram<K, Loops>(gathered, fmt, prefix, prefix_mask, digit, &nan_count)
+                     : parallel_histogram<K, Loops>(all, fmt, prefix, prefix_mask, digit, &nan_count);
+    reject_nan(nan_count);
+    // Walk bins from the top until the bin that holds the remaining-th largest entry.
+    int64_t above = 0;
+    int64_t bin = int64_t(hist.size()) - 1;
+    while (bin > 0 && above + hist[bin] < remaining) above += hist[bin--];
+    greater += above;
+    remaining -= above;
+    equal = hist[bin];
+    prefix |= uint32_t(bin) << digit.shift;
+    prefix_mask |= uint32_t(hist.size() - 1) << digit.shift;
+    // Few entries share the chosen prefix: copy them once, resolve the rest there.
+    const bool more_levels = level + 1 < fmt.digits.size();
+    if (more_levels && !use_gathered && equal <= all.total() / 8) {
+      candidates = parallel_gather<K, Loops>(all, fmt, prefix, prefix_mask, equal);
+      gathered.data = {candidates.data()};
+      gathered.offsets = {0, int64_t(candidates.size())};
+      use_gathered = true;
+    }
+  }
+  return {prefix, greater, equal};
+}
+
+// Fast path for large inputs (Floyd-Rivest style): a fixed-stride sample of |x| brackets the
+// rank-th largest key in [lo, hi]; ONE vectorized pass counts the keys above hi and copies
+// the keys inside the bracket; radix selection then runs on that small copy. If the bracket
+// misses (the sample misled) or holds too many keys, returns false and the caller runs the
+// plain radix passes. Either way the answer is exact; the sample only decides the speed.
+constexpr int64_t kWindowMinEntries = int64_t(1) << 18;
+
+template <typename K, typename Source>
+bool select_with_window(const Source& segs, const KeyFormat& fmt, int64_t rank, Selected* result) {
+  const int64_t n = segs.total();
+  if (n < kWindowMinEntries) return false;
+  constexpr int64_t kSample = 16384;
+  std::vector<uint32_t> sample(kSample);
+  const int64_t stride = n / kSample;
+  for (int64_t j = 0; j < kSample; ++j) {
+    segs.for_each_piece(j * stride + stride / 2, j * stride + stride / 2 + 1,
+                        [&](const K* p, int64_t) { sample[j] = uint32_t(*p) & fmt.abs_mask; });
+  }
+  // Expected sample position of the rank-th largest, +- 4.5 standard deviations of a
+  // binomial (a miss costs time, never correctness).
+  const double q = double(rank) / double(n);
+  const double center = q * kSample;
+  const double margin = 4.5 * std::sqrt(kSample * q * (1.0 - q)) + 8.0;
+  const int64_t top = int64_t(center - margin);
+  const int64_t bottom = int64_t(center + margin);
+  if (double(bottom - top) > 0.25 * kSample) return false;  // a wide bracket saves nothing
+  auto largest = [&](int64_t pos) {  // the (pos+1)-th largest sampled key
+    std::nth_element(sample.begin(), sample.begin() + pos, sample.end(), std::greater<uint32_t>());
+    return sample[pos];
+  };
+  const uint32_t hi = top <= 0 ? fmt.inf_key : largest(top);
+  const uint32_t lo = bottom >= kSample - 1 ? 0u : largest(bottom);
+
+  const WindowFn<K> window = window_fn<K>();
+  constexpr int64_t kBlockLen = 4096;
+  WindowTally total;
+  bool overflow = false;
+  std::vector<uint32_t> candidates;
+  std::mutex merge_lock;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    // Room for a quarter of the chunk; uninitialized, so untouched pages cost nothing.
+    const int64_t capacity = (end - begin) / 4 + kBlockLen;
+    std::unique_ptr<uint32_t[]> local(new uint32_t[size_t(capacity + kBlockLen + 16)]);
+    WindowTally tally;
+    bool full = false;
+    segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
+      for (int64_t off = 0; off < len && !full; off += kBlockLen) {
+        full = tally.kept > capacity;
+        if (!full) window(p + off, std::min(kBlockLen, len - off), fmt.abs_mask, lo, hi, fmt.inf_key, local.get(), tally);
+      }
+    });
+    std::lock_guard<std::mutex> guard(merge_lock);  // candidate order is irrelevant: only counts are used
+    overflow |= full;
+    total.above += tally.above;
+    total.nan += tally.nan;
+    if (!full) candidates.insert(candidates.end(), local.get(), local.get() + tally.kept);
+  });
+  if (overflow) return false;
+  reject_nan(total.nan);
+  const int64_t in_window = int64_t(candidates.size());
+  if (!(total.above < rank && rank <= total.above + in_window)) return false;  // the bracket missed
+
+  KeySegments<uint32_t> window_keys;
+  window_keys.data = {candidates.data()};
+  window_keys.offsets = {0, in_window};
+  const Selected inner = select_rank_from_top<uint32_t, Loops32>(window_keys, fmt, rank - total.above);
+  *result = {inner.key, total.above + inner.greater, inner.equal};  // all ties of t lie inside [lo, hi]
+  return true;
+}
+
+// Raises ValueError if any key is NaN: a window pass with an empty window, at vector speed.
+template <typename K, typename Source>
+void check_no_nan(const Source& segs, const KeyFormat& fmt) {
+  const WindowFn<K> window = window_fn<K>();
+  std::atomic<int64_t> nan_count{0};
+  at::parallel_for(0, segs.total(), kGrain, [&](int64_t begin, int64_t end) {
+    WindowTally tally;
+    uint32_t scratch[16 + 1];  // nothing is kept (lo > hi), but the vector stores need room
+    segs.for_each_piece(begin, end, [&](const K* p, int64_t len) {
+      window(p, len, fmt.abs_mask, /*lo=*/1, /*hi=*/0, fmt.inf_key, scratch, tally);
+    });
+    nan_count += tally.nan;
+  });
+  reject_nan(nan_count.load());
+}
+
+// The rank-th largest |x| key (1 <= rank <= n): the window fast path, else plain radix.
+template <typename K, typename Loops, typename Source>
+Selected select_rank(const Source& segs, const KeyFormat& fmt, int64_t rank) {
+  Selected result;
+  if (select_with_window<K>(segs, fmt, rank, &result)) return result;
+  return select_rank_from_top<K, Loops>(segs, fmt, rank);
+}
+
+
+}  // namespace
+}  // namespace mtmerge

@@ -1,0 +1,771 @@
+// The merge family's CPU kernels: trim selection on task vectors, the fused TIES / DARE /
+// task-arithmetic pass, TALL masks and Consensus.
+//   mtmerge::delta_threshold, tie_cutoffs, dare_abs_sums, elect_sign_total, merge_fused,
+//   tall_masks, consensus_mask
+// Semantics: mtmerge/reference/merge.py. Schemas: mtmerge/_library.py.
+//
+// Task vectors tau_t = finetuned[t] - base are never stored: every pass recomputes them in
+// float32 from the inputs, a sub-block at a time in L1-sized buffers. The selection passes
+// run select.h's radix selection on a "source" that yields the bit patterns of |tau_t| on
+// the fly; the merge pass reads base and every finetuned tensor once and writes the output
+// once (the memory-traffic floor of a merge), holding T sub-blocks of 256 floats per thread.
+//
+// Determinism: the per-element math is a fixed sequence of float32 operations (tasks in
+// order, no contraction into FMA: -ffp-contract=off), integer counts are order-free, and the
+// one floating-point reduction (dare_abs_sums) sums fixed blocks in block order.
+#include "merge/select.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
+
+#include <limits>
+#include <string>
+
+namespace mtmerge {
+namespace {
+
+constexpr int64_t kSub = 256;            // elements per sub-block (T x 1 KB of scratch)
+constexpr int64_t kMergeGrain = 1 << 15;  // elements per parallel task
+constexpr uint32_t kAbsMask = 0x7fffffffu;
+constexpr uint32_t kInfKey = 0x7f800000u;
+constexpr uint32_t kDareKeepAll = 1u << 24;
+constexpr uint32_t kDareHighWordSalt = 0x68e31da4u;
+
+MTMERGE_ALWAYS_INLINE uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+MTMERGE_ALWAYS_INLINE float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------
+// float32 conversion of a sub-block, per storage dtype (vectorizable loops, ISA clones).
+// ---------------------------------------------------------------------------------------
+
+MTMERGE_CLONES void load_f32(const float* src, int64_t len, float* dst) { std::memcpy(dst, src, len * sizeof(float)); }
+
+MTMERGE_CLONES void load_bf16(const uint16_t* src, int64_t len, float* dst) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = bits_float(uint32_t(src[i]) << 16);  // exact widening
+}
+
+MTMERGE_CLONES void load_f16(const uint16_t* src, int64_t len, float* dst) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = c10::detail::fp16_ieee_to_fp32_value(src[i]);
+}
+
+MTMERGE_CLONES void store_bf16(const float* src, int64_t len, uint16_t* dst) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = c10::detail::round_to_nearest_even(src[i]);
+}
+
+MTMERGE_CLONES void store_f16(const float* src, int64_t len, uint16_t* dst) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = c10::detail::fp16_ieee_from_fp32_value(src[i]);
+}
+
+// Entries [off, off + len) of a contiguous float tensor as float32.
+void load_floats(const at::Tensor& t, int64_t off, int64_t len, float* dst) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      load_f32(t.const_data_ptr<float>() + off, len, dst);
+      break;
+    case at::kBFloat16:
+      load_bf16(static_cast<const uint16_t*>(t.const_data_ptr()) + off, len, dst);
+      break;
+    default:
+      load_f16(static_cast<const uint16_t*>(t.const_data_ptr()) + off, len, dst);
+      break;
+  }
+}
+
+void store_floats(at::Tensor& t, int64_t off, int64_t len, const float* src) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      std::memcpy(t.mutable_data_ptr<float>() + off, src, len * sizeof(float));
+      break;
+    case at::kBFloat16:
+      store_bf16(src, len, static_cast<uint16_t*>(t.mutable_data_ptr()) + off);
+      break;
+    default:
+      store_f16(src, len, static_cast<uint16_t*>(t.mutable_data_ptr()) + off);
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The counter-based RNG of DARE (same function as reference dare_hash and the Triton one).
+// ---------------------------------------------------------------------------------------
+
+MTMERGE_ALWAYS_INLINE uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  return h ^ (h >> 16);
+}
+
+uint32_t dare_task_key(int64_t seed, int64_t task) {
+  const uint64_t s = uint64_t(seed);
+  return fmix32(fmix32(fmix32(uint32_t(task) + 0x9e3779b9u) ^ uint32_t(s >> 32)) ^ uint32_t(s));
+}
+
+// keep[i] &= hash(start + i) < keep_below, the 24-bit hash of the flat index.
+MTMERGE_CLONES void dare_filter(int64_t start, int64_t len, uint32_t task_key, uint32_t keep_below,
+                                uint32_t* __restrict keep) {
+  const uint64_t first = uint64_t(start), last = uint64_t(start + len - 1);
+  if ((first >> 32) == (last >> 32)) {  // one high word for the whole block: a 32-bit loop
+    const uint32_t lo = uint32_t(first), hi_salt = uint32_t(first >> 32) ^ kDareHighWordSalt;
+    for (int64_t i = 0; i < len; ++i) {
+      const uint32_t h = fmix32(fmix32((lo + uint32_t(i)) ^ task_key) ^ hi_salt);
+      keep[i] &= uint32_t((h >> 8) < keep_below);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const uint64_t index = uint64_t(start + i);
+    uint32_t h = fmix32(uint32_t(index) ^ task_key);
+    h = fmix32(h ^ uint32_t(index >> 32) ^ kDareHighWordSalt);
+    keep[i] &= uint32_t((h >> 8) < keep_below);
+  }
+}
+
+// keep[i] &= bit (start + i) of the packed consensus mask.
+void consensus_filter(const uint8_t* consensus, int64_t start, int64_t len, uint32_t* keep) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t j = start + i;
+    keep[i] &= uint32_t((consensus[j >> 3] >> (j & 7)) & 1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Inputs: base (optional) + T finetuned tensors, validated and made contiguous.
+// ---------------------------------------------------------------------------------------
+
+struct TaskInputs {
+  c10::optional<at::Tensor> base;
+  std::vector<at::Tensor> finetuned;
+  const uint8_t* consensus = nullptr;
+  at::Tensor consensus_holder;
+  int64_t n = 0;
+  int64_t tasks() const { return int64_t(finetuned.size()); }
+};
+
+void check_float_dtype(const at::Tensor& t, const std::string& name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+                    " must be float32, bfloat16 or float16, got ", dt);
+}
+
+TaskInputs task_inputs(const c10::optional<at::Tensor>& base, at::TensorList finetuned,
+                       const c10::optional<at::Tensor>& consensus) {
+  TORCH_CHECK_VALUE(!finetuned.empty(), "finetuned must hold at least one tensor");
+  TaskInputs in;
+  const at::Tensor& ref = base.has_value() ? *base : finetuned[0];
+  const std::string ref_name = base.has_value() ? "base" : "finetuned[0]";
+  check_float_dtype(ref, ref_name);
+  TORCH_CHECK_VALUE(ref.device().is_cpu(), ref_name, ": the CPU kernel needs CPU tensors, got ", ref.device());
+  in.n = ref.numel();
+  if (base.has_value()) in.base = base->contiguous();
+  for (size_t t = 0; t < finetuned.size(); ++t) {
+    const at::Tensor& f = finetuned[t];
+    const std::string name = "finetuned[" + std::to_string(t) + "]";
+    TORCH_CHECK_VALUE(f.scalar_type() == ref.scalar_type(), name, " has dtype ", f.scalar_type(), " but ", ref_name,
+                      " has ", ref.scalar_type());
+    TORCH_CHECK_VALUE(f.sizes() == ref.sizes(), name, " has shape ", f.sizes(), " but ", ref_name, " has ",
+                      ref.sizes());
+    TORCH_CHECK_VALUE(f.device() == ref.device(), name, " is on ", f.device(), " but ", ref_name, " is on ",
+                      ref.device());
+    in.finetuned.push_back(f.contiguous());
+  }
+  if (consensus.has_value()) {
+    TORCH_CHECK_VALUE(consensus->scalar_type() == at::kByte && consensus->numel() == (in.n + 7) / 8,
+                      "consensus must be a packed uint8 mask of ceil(n/8) = ", (in.n + 7) / 8, " bytes");
+    TORCH_CHECK_VALUE(consensus->device().is_cpu(), "consensus must be on the CPU");
+    in.consensus_holder = consensus->contiguous();
+    in.consensus = in.consensus_holder.const_data_ptr<uint8_t>();
+  }
+  return in;
+}
+
+template <typename T>
+std::vector<T> per_task(c10::ArrayRef<T> values, int64_t tasks, const char* name) {
+  TORCH_CHECK_VALUE(int64_t(values.size()) == tasks, name, " must have one entry per task (", tasks, "), got ",
+                    values.size());
+  return std::vector<T>(values.begin(), values.end());
+}
+
+// ---------------------------------------------------------------------------------------
+// A task vector's magnitude keys as a select.h source: bits(|finetuned - base|) in float32,
+// 0 outside the consensus mask, computed piece by piece into a stack buffer.
+// ---------------------------------------------------------------------------------------
+
+MTMERGE_CLONES void delta_keys(const float* f, const float* b, int64_t len, uint32_t* keys) {
+  for (int64_t i = 0; i < len; ++i) keys[i] = float_bits(f[i] - b[i]) & kAbsMask;
+}
+
+struct TaskKeySource {
+  const TaskInputs* in;
+  int64_t task;
+
+  int64_t total() const { return in->n; }
+
+  template <typename Fn>
+  void for_each_piece(int64_t begin, int64_t end, Fn&& fn) const {
+    alignas(64) float f[kSub];
+    alignas(64) float b[kSub];
+    alignas(64) uint32_t keys[kSub];
+    alignas(64) uint32_t keep[kSub];
+    if (!in->base.has_value()) std::fill(b, b + kSub, 0.0f);  // tau - 0 has the bits of tau
+    for (int64_t off = begin; off < end; off += kSub) {
+      const int64_t len = std::min(kSub, end - off);
+      load_floats(in->finetuned[task], off, len, f);
+      if (in->base.has_value()) load_floats(*in->base, off, len, b);
+      delta_keys(f, b, len, keys);
+      if (in->consensus) {
+        std::fill(keep, keep + len, 1u);
+        consensus_filter(in->consensus, off, len, keep);
+        for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
+      }
+      fn(static_cast<const uint32_t*>(keys), len);
+    }
+  }
+};
+
+// Key format for float32 task-vector magnitudes. reject_inf lowers the "NaN" bound to just
+// below +inf, so the selection passes count (and reject) Inf as well.
+KeyFormat delta_format(bool reject_inf) {
+  KeyFormat fmt = key_format(at::kFloat);
+  if (reject_inf) fmt.inf_key -= 1;
+  return fmt;
+}
+
+// Per-block counts of entries whose key equals t_key, then the flat index of the
+// ties_kept-th one (INT64_MAX if ties_kept covers every tie, -1 if it is 0).
+int64_t find_tie_cutoff(const TaskKeySource& source, uint32_t t_key, int64_t ties_kept) {
+  if (ties_kept <= 0) return -1;
+  const int64_t n = source.total();
+  const int64_t nblocks = (n + kGrain - 1) / kGrain;
+  std::vector<int64_t> counts(nblocks, 0);
+  at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      int64_t c = 0;
+      source.for_each_piece(blk * kGrain, std::min(n, (blk + 1) * kGrain), [&](const uint32_t* k, int64_t len) {
+        for (int64_t i = 0; i < len; ++i) c += k[i] == t_key;
+      });
+      counts[blk] = c;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c : counts) total += c;
+  if (ties_kept >= total) return std::numeric_limits<int64_t>::max();  // every tie is kept
+  int64_t before = 0;
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    if (before + counts[blk] < ties_kept) {
+      before += counts[blk];
+      continue;
+    }
+    // The ties_kept-th tie is in this block: walk it in order.
+    int64_t cutoff = -1, pos = blk * kGrain;
+    source.for_each_piece(pos, std::min(n, (blk + 1) * kGrain), [&](const uint32_t* k, int64_t len) {
+      for (int64_t i = 0; i < len && cutoff < 0; ++i) {
+        if (k[i] == t_key && ++before == ties_kept) cutoff = pos + i;
+      }
+      pos += len;
+    });
+    return cutoff;
+  }
+  return std::numeric_limits<int64_t>::max();  // unreachable: total > ties_kept
+}
+
+// Rethrows select.h's NaN error (or the Inf count from delta_format(true)) naming the task.
+[[noreturn]] void reject_nonfinite_task(const TaskKeySource& source, int64_t task) {
+  std::atomic<int64_t> nan{0}, inf{0};
+  at::parallel_for(0, source.total(), kGrain, [&](int64_t begin, int64_t end) {
+    int64_t local_nan = 0, local_inf = 0;
+    source.for_each_piece(begin, end, [&](const uint32_t* k, int64_t len) {
+      for (int64_t i = 0; i < len; ++i) {
+        local_nan += k[i] > kInfKey;
+        local_inf += k[i] == kInfKey;
+      }
+    });
+    nan += local_nan;
+    inf += local_inf;
+  });
+  const std::string what = source.in->base.has_value()
+                               ? "finetuned[" + std::to_string(task) + "] - base (task vector " + std::to_string(task) + ")"
+                               : "finetuned[" + std::to_string(task) + "]";
+  TORCH_CHECK_VALUE(nan.load() == 0, what, " has ", nan.load(),
+                    " NaN value(s); magnitude selection is undefined for NaN");
+  TORCH_CHECK_VALUE(false, what, " has ", inf.load(), " Inf value(s); pass allow_nonfinite=True to merge them");
+}
+
+// ---------------------------------------------------------------------------------------
+// Op: delta_threshold / tie_cutoffs
+// ---------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> delta_threshold_cpu(const c10::optional<at::Tensor>& base,
+                                                       at::TensorList finetuned, at::IntArrayRef ks,
+                                                       c10::string_view selection, bool allow_nonfinite,
+                                                       const c10::optional<at::Tensor>& consensus) {
+  const TaskInputs in = task_inputs(base, finetuned, consensus);
+  const std::string_view sel(selection.data(), selection.size());
+  TORCH_CHECK_VALUE(sel == "exact" || sel == "geq", "selection must be 'exact' or 'geq', got '", std::string(sel),
+                    "'");
+  const std::vector<int64_t> k = per_task(ks, in.tasks(), "ks");
+  const KeyFormat fmt = delta_format(!allow_nonfinite);
+  at::Tensor thresholds = at::empty({in.tasks()}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor cutoffs = at::empty({in.tasks()}, at::TensorOptions().dtype(at::kLong));
+  const int64_t n = in.n;
+  for (int64_t t = 0; t < in.tasks(); ++t) {
+    TORCH_CHECK_VALUE(k[t] >= 0 && k[t] <= n, "ks must be in [0, ", n, "], got ", k[t]);
+    const TaskKeySource source{&in, t};
+    uint32_t key = kInfKey;
+    int64_t cutoff = -1;
+    try {
+      if (sel == "exact") {
+        if (k[t] > 0) {
+          const Selected s = select_rank<uint32_t, Loops32>(source, fmt, k[t]);
+          key = s.key;
+          const int64_t ties_kept = k[t] - s.greater;
+          cutoff = ties_kept >= s.equal ? std::numeric_limits<int64_t>::max()
+                                        : find_tie_cutoff(source, key, ties_kept);
+        } else {
+          check_no_nan<uint32_t>(source, fmt);
+        }
+      } else if (n > 0) {  // keep |tau| >= the (k+1)-th largest (k = n: the smallest, keep all)
+        key = select_rank<uint32_t, Loops32>(source, fmt, std::min(k[t] + 1, n)).key;
+        cutoff = std::numeric_limits<int64_t>::max();
+      }
+    } catch (const c10::ValueError&) {
+      reject_nonfinite_task(source, t);
+    }
+    thresholds.mutable_data_ptr<float>()[t] = bits_float(key);
+    cutoffs.mutable_data_ptr<int64_t>()[t] = cutoff;
+  }
+  return {thresholds, cutoffs};
+}
+
+// thresholds: a contiguous float32 CPU tensor.
+uint32_t threshold_key(const at::Tensor& thresholds, int64_t t) {
+  return float_bits(thresholds.const_data_ptr<float>()[t]) & kAbsMask;
+}
+
+at::Tensor tie_cutoffs_cpu(const c10::optional<at::Tensor>& base, at::TensorList finetuned,
+                           const at::Tensor& thresholds, const at::Tensor& ties_kept,
+                           const c10::optional<at::Tensor>& consensus) {
+  const TaskInputs in = task_inputs(base, finetuned, consensus);
+  TORCH_CHECK_VALUE(thresholds.numel() == in.tasks() && ties_kept.numel() == in.tasks(),
+                    "thresholds and ties_kept must have one entry per task (", in.tasks(), ")");
+  const at::Tensor thr = thresholds.reshape({-1}).to(at::kFloat).cpu().contiguous();
+  const at::Tensor kept = ties_kept.reshape({-1}).to(at::kLong).cpu().contiguous();
+  at::Tensor cutoffs = at::empty({in.tasks()}, at::TensorOptions().dtype(at::kLong));
+  for (int64_t t = 0; t < in.tasks(); ++t) {
+    cutoffs.mutable_data_ptr<int64_t>()[t] =
+        find_tie_cutoff(TaskKeySource{&in, t}, threshold_key(thr, t), kept.const_data_ptr<int64_t>()[t]);
+  }
+  return cutoffs;
+}
+
+// ---------------------------------------------------------------------------------------
+// The fused merge: per sub-block, trim + DARE + consensus -> tau_hat, elect, disjoint merge.
+// ---------------------------------------------------------------------------------------
+
+enum class Elect { kNone, kSum, kCount };
+enum class MergeRule { kMean, kSum, kMax };
+
+struct MergePlan {
+  std::vector<float> weights, scales;
+  std::vector<uint32_t> threshold_keys, dare_keep, dare_keys;
+  std::vector<int64_t> cutoffs;
+  Elect elect = Elect::kSum;
+  bool elect_weighted = false;
+  float zero_fill = 1.0f;
+  MergeRule merge = MergeRule::kMean;
+  bool divide_by_weight = false;
+  float lam = 1.0f;
+};
+
+MergePlan make_plan(const TaskInputs& in, at::ArrayRef<double> weights, at::ArrayRef<double> scales,
+                    const at::Tensor& thresholds, const at::Tensor& tie_cutoffs, int64_t seed,
+                    at::IntArrayRef dare_keep, int64_t task_offset) {
+  const int64_t tasks = in.tasks();
+  MergePlan plan;
+  for (double w : per_task(weights, tasks, "weights")) plan.weights.push_back(float(w));
+  for (double s : per_task(scales, tasks, "scales")) plan.scales.push_back(float(s));
+  TORCH_CHECK_VALUE(thresholds.numel() == tasks && tie_cutoffs.numel() == tasks,
+                    "thresholds and tie_cutoffs must have one entry per task (", tasks, ")");
+  const at::Tensor thr = thresholds.reshape({-1}).to(at::kFloat).cpu().contiguous();
+  const at::Tensor cut = tie_cutoffs.reshape({-1}).to(at::kLong).cpu().contiguous();
+  for (int64_t t = 0; t < tasks; ++t) {
+    plan.threshold_keys.push_back(threshold_key(thr, t));
+    plan.cutoffs.push_back(cut.const_data_ptr<int64_t>()[t]);
+  }
+  for (int64_t keep : per_task(dare_keep, tasks, "dare_keep")) {
+    TORCH_CHECK_VALUE(keep >= 0 && keep <= int64_t(kDareKeepAll), "dare_keep must be in [0, 2**24], got ", keep);
+    plan.dare_keep.push_back(uint32_t(keep));
+  }
+  TORCH_CHECK_VALUE(seed >= 0, "seed must be >= 0, got ", seed);
+  for (int64_t t = 0; t < tasks; ++t) plan.dare_keys.push_back(dare_task_key(seed, task_offset + t));
+  return plan;
+}
+
+Elect parse_elect(c10::string_view s) {
+  if (s == "none") return Elect::kNone;
+  if (s == "sum") return Elect::kSum;
+  TORCH_CHECK_VALUE(s == "count", "elect must be 'none', 'sum' or 'count', got '", std::string(s), "'");
+  return Elect::kCount;
+}
+
+MTMERGE_ALWAYS_INLINE float sign_of(float x) { return float(x > 0.0f) - float(x < 0.0f); }
+
+// tau_hat for task t over one sub-block: trim by key (ties by flat index), DARE, consensus,
+// then the rescale. d holds tau on entry and tau_hat on exit.
+MTMERGE_CLONES void trim_sub_block(const float* __restrict d, uint32_t* __restrict keep, int64_t start, int64_t len,
+                                   uint32_t t_key, int64_t cutoff) {
+  // ties are kept at local positions i <= last_tie (a 32-bit bound: len <= kSub)
+  const int32_t last_tie = int32_t(std::clamp<int64_t>(cutoff - start, -1, kSub));
+  for (int32_t i = 0; i < int32_t(len); ++i) {
+    const uint32_t key = float_bits(d[i]) & kAbsMask;
+    keep[i] = uint32_t(key > t_key) | (uint32_t(key == t_key) & uint32_t(i <= last_tie));
+  }
+}
+
+MTMERGE_CLONES void apply_keep(float* __restrict d, const uint32_t* __restrict keep, int64_t len, float scale) {
+  for (int64_t i = 0; i < len; ++i) d[i] = keep[i] ? d[i] * scale : 0.0f;
+}
+
+MTMERGE_CLONES int64_t count_nonfinite(const float* x, int64_t len) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < len; ++i) c += (float_bits(x[i]) & kInfKey) == kInfKey;
+  return c;
+}
+
+MTMERGE_CLONES void subtract(const float* f, const float* b, int64_t len, float* d) {
+  for (int64_t i = 0; i < len; ++i) d[i] = f[i] - b[i];
+}
+
+// Elected values of one task added into the running sum s (weighted and/or signs).
+MTMERGE_CLONES void elect_accumulate(const float* __restrict v, int64_t len, float w, bool weighted, bool count,
+                                     float* __restrict s) {
+  const float ew = weighted ? w : 1.0f;  // v * 1 is exact
+  if (count) {
+    for (int64_t i = 0; i < len; ++i) s[i] += sign_of(v[i] * ew);
+  } else {
+    for (int64_t i = 0; i < len; ++i) s[i] += v[i] * ew;
+  }
+}
+
+// The disjoint merge of one sub-block given the tau_hat rows vals[t] and the sums s.
+MTMERGE_CLONES void disjoint_merge(const float* const* vals, int64_t tasks, int64_t len, const float* __restrict s,
+                                   const MergePlan& p, float* __restrict merged) {
+  alignas(64) float num[kSub], den[kSub], best[kSub], gamma[kSub];
+  const float zero_fill = p.zero_fill;  // may be 0 (the paper's code)
+  for (int64_t i = 0; i < len; ++i) {
+    gamma[i] = s[i] > 0.0f ? 1.0f : (s[i] < 0.0f ? -1.0f : zero_fill);
+    num[i] = 0.0f;
+    den[i] = 0.0f;
+    best[i] = 0.0f;
+  }
+  const bool weighted = p.elect_weighted;
+  for (int64_t t = 0; t < tasks; ++t) {
+    const float w = p.weights[t];
+    const float share = p.divide_by_weight ? w : 1.0f;
+    const float ew = weighted ? w : 1.0f;  // e = v * w or v (times 1: exact)
+    const float* __restrict v = vals[t];
+    for (int64_t i = 0; i < len; ++i) {
+      // "count" elects sign(e), whose sign is e's. gamma = 0 takes the negatives (the paper).
+      // (Written with & and | rather than a ternary on bools, which GCC does not vectorize.)
+      const float vi = v[i], e = vi * ew, g = gamma[i], b = best[i];
+      const bool agree = (vi != 0.0f) & (((g > 0.0f) & (e > 0.0f)) | ((g <= 0.0f) & (e < 0.0f)));
+      const float wv = vi * w;
+      num[i] = num[i] + (agree ? wv : 0.0f);
+      den[i] = den[i] + (agree ? share : 0.0f);
+      best[i] = (agree & (std::fabs(wv) > std::fabs(b))) ? wv : b;
+    }
+  }
+  switch (p.merge) {
+    case MergeRule::kMean:
+      for (int64_t i = 0; i < len; ++i) merged[i] = den[i] != 0.0f ? num[i] / den[i] : num[i];  // num = 0 unless w cancel
+      break;
+    case MergeRule::kSum:
+      for (int64_t i = 0; i < len; ++i) merged[i] = num[i];
+      break;
+    case MergeRule::kMax:
+      for (int64_t i = 0; i < len; ++i) merged[i] = gamma[i] != 0.0f ? best[i] : 0.0f;
+      break;
+  }
+}
+
+// Per-thread scratch: T rows of tau_hat plus base, loads and the running sums.
+struct Scratch {
+  std::vector<float> rows;
+  std::vector<const float*> row_ptrs;
+  alignas(64) float base[kSub];
+  alignas(64) float load[kSub];
+  alignas(64) float sum[kSub];
+  alignas(64) float merged[kSub];
+  alignas(64) uint32_t keep[kSub];
+  explicit Scratch(int64_t tasks) : rows(size_t(tasks * kSub)) {
+    for (int64_t t = 0; t < tasks; ++t) row_ptrs.push_back(rows.data() + t * kSub);
+  }
+  float* row(int64_t t) { return rows.data() + t * kSub; }
+};
+
+// Stage 1 of a sub-block: tau_hat rows and the elected sums. With check_finite, adds the
+// non-finite inputs seen to nonfinite[0] (base) and nonfinite[1 + t] (finetuned[t]).
+void trim_and_elect(const TaskInputs& in, const MergePlan& p, int64_t start, int64_t len, bool check_finite,
+                    Scratch& sc, int64_t* nonfinite) {
+  if (in.base.has_value()) {
+    load_floats(*in.base, start, len, sc.base);
+    if (check_finite) nonfinite[0] += count_nonfinite(sc.base, len);
+  } else {
+    std::fill(sc.base, sc.base + len, 0.0f);
+  }
+  std::fill(sc.sum, sc.sum + len, 0.0f);
+  for (int64_t t = 0; t < in.tasks(); ++t) {
+    float* v = sc.row(t);
+    load_floats(in.finetuned[t], start, len, sc.load);
+    if (check_finite) nonfinite[1 + t] += count_nonfinite(sc.load, len);
+    subtract(sc.load, sc.base, len, v);
+    trim_sub_block(v, sc.keep, start, len, p.threshold_keys[t], p.cutoffs[t]);
+    if (p.dare_keep[t] < kDareKeepAll) dare_filter(start, len, p.dare_keys[t], p.dare_keep[t], sc.keep);
+    if (in.consensus) consensus_filter(in.consensus, start, len, sc.keep);
+    apply_keep(v, sc.keep, len, p.scales[t]);
+    if (p.elect != Elect::kNone) {
+      elect_accumulate(v, len, p.weights[t], p.elect_weighted, p.elect == Elect::kCount, sc.sum);
+    }
+  }
+}
+
+MTMERGE_CLONES void linear_merge(const float* const* vals, int64_t tasks, int64_t len, const float* weights,
+                                 float* merged) {
+  for (int64_t i = 0; i < len; ++i) merged[i] = 0.0f;
+  for (int64_t t = 0; t < tasks; ++t) {
+    const float* v = vals[t];
+    const float w = weights[t];
+    for (int64_t i = 0; i < len; ++i) merged[i] += v[i] * w;
+  }
+}
+
+MTMERGE_CLONES void finish_output(const float* base, const float* merged, int64_t len, float lam, bool has_base,
+                                  float* result) {
+  for (int64_t i = 0; i < len; ++i) result[i] = has_base ? base[i] + merged[i] * lam : merged[i] * lam;
+}
+
+void merge_fused_cpu(const c10::optional<at::Tensor>& base, at::TensorList finetuned, at::ArrayRef<double> weights,
+                     at::ArrayRef<double> scales, const at::Tensor& thresholds, const at::Tensor& tie_cutoffs,
+                     int64_t seed, at::IntArrayRef dare_keep, const c10::optional<at::Tensor>& consensus,
+                     c10::string_view elect, bool elect_weighted, int64_t zero_fill, c10::string_view merge,
+                     c10::string_view divisor, double lam, bool allow_nonfinite, at::Tensor& out,
+                     int64_t task_offset, bool with_base) {
+  const TaskInputs in = task_inputs(base, finetuned, consensus);
+  MergePlan plan = make_plan(in, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, task_offset);
+  plan.elect = parse_elect(elect);
+  plan.elect_weighted = elect_weighted;
+  TORCH_CHECK_VALUE(zero_fill >= -1 && zero_fill <= 1, "zero_fill must be 1, -1 or 0, got ", zero_fill);
+  plan.zero_fill = float(zero_fill);
+  if (merge == "mean") {
+    plan.merge = MergeRule::kMean;
+  } else if (merge == "sum") {
+    plan.merge = MergeRule::kSum;
+  } else {
+    TORCH_CHECK_VALUE(merge == "max", "merge must be 'mean', 'sum' or 'max', got '", std::string(merge), "'");
+    plan.merge = MergeRule::kMax;
+  }
+  TORCH_CHECK_VALUE(divisor == "count" || divisor == "weight", "divisor must be 'count' or 'weight', got '",
+                    std::string(divisor), "'");
+  plan.divide_by_weight = divisor == "weight";
+  plan.lam = float(lam);
+  TORCH_CHECK_VALUE(plan.elect != Elect::kNone || plan.merge == MergeRule::kSum,
+                    "elect='none' (a linear merge) needs merge='sum'");
+  check_float_dtype(out, "out");
+  TORCH_CHECK_VALUE(out.numel() == in.n, "out must have ", in.n, " elements, got ", out.numel());
+  TORCH_CHECK_VALUE(out.device().is_cpu(), "out must be a CPU tensor, got ", out.device());
+  at::Tensor target = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
+
+  const int64_t tasks = in.tasks();
+  std::vector<int64_t> nonfinite(tasks + 1, 0);  // base, then each finetuned tensor
+  std::mutex nonfinite_lock;
+  const bool add_base = with_base && in.base.has_value();
+  at::parallel_for(0, in.n, kMergeGrain, [&](int64_t begin, int64_t end) {
+    Scratch sc(tasks);
+    std::vector<int64_t> local_nonfinite(tasks + 1, 0);
+    for (int64_t start = begin; start < end; start += kSub) {
+      const int64_t len = std::min(kSub, end - start);
+      trim_and_elect(in, plan, start, len, !allow_nonfinite, sc, local_nonfinite.data());
+      if (plan.elect == Elect::kNone) {
+        linear_merge(sc.row_ptrs.data(), tasks, len, plan.weights.data(), sc.merged);
+      } else {
+        disjoint_merge(sc.row_ptrs.data(), tasks, len, sc.sum, plan, sc.merged);
+      }
+      finish_output(sc.base, sc.merged, len, plan.lam, add_base, sc.load);
+      store_floats(target, start, len, sc.load);
+    }
+    std::lock_guard<std::mutex> guard(nonfinite_lock);  // integer sums: order-free
+    for (int64_t j = 0; j <= tasks; ++j) nonfinite[j] += local_nonfinite[j];
+  });
+  if (!target.is_same(out)) out.copy_(target);
+  for (int64_t j = 0; j <= tasks; ++j) {
+    TORCH_CHECK_VALUE(nonfinite[j] == 0, j == 0 ? std::string("base") : "finetuned[" + std::to_string(j - 1) + "]",
+                      " contains ", nonfinite[j], " NaN or Inf value(s); pass allow_nonfinite=True to merge anyway");
+  }
+}
+
+at::Tensor elect_sign_total_cpu(const c10::optional<at::Tensor>& base, at::TensorList finetuned,
+                                at::ArrayRef<double> weights, at::ArrayRef<double> scales,
+                                const at::Tensor& thresholds, const at::Tensor& tie_cutoffs, int64_t seed,
+                                at::IntArrayRef dare_keep, c10::string_view elect, bool elect_weighted,
+                                const c10::optional<at::Tensor>& consensus) {
+  const TaskInputs in = task_inputs(base, finetuned, consensus);
+  MergePlan plan = make_plan(in, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, 0);
+  plan.elect = parse_elect(elect);
+  TORCH_CHECK_VALUE(plan.elect != Elect::kNone, "elect must be 'sum' or 'count' here");
+  plan.elect_weighted = elect_weighted;
+  std::atomic<int64_t> total{0};
+  at::parallel_for(0, in.n, kMergeGrain, [&](int64_t begin, int64_t end) {
+    Scratch sc(in.tasks());
+    int64_t local = 0;
+    for (int64_t start = begin; start < end; start += kSub) {
+      const int64_t len = std::min(kSub, end - start);
+      trim_and_elect(in, plan, start, len, false, sc, nullptr);
+      for (int64_t i = 0; i < len; ++i) local += int64_t(sc.sum[i] > 0.0f) - int64_t(sc.sum[i] < 0.0f);
+    }
+    total += local;  // integer sum: order-free
+  });
+  at::Tensor result = at::empty({}, at::TensorOptions().dtype(at::kLong));
+  *result.mutable_data_ptr<int64_t>() = total.load();
+  return result;
+}
+
+at::Tensor dare_abs_sums_cpu(const c10::optional<at::Tensor>& base, at::TensorList finetuned, int64_t seed,
+                             at::IntArrayRef dare_keep, int64_t task_offset) {
+  const TaskInputs in = task_inputs(base, finetuned, c10::nullopt);
+  const int64_t tasks = in.tasks();
+  const std::vector<int64_t> keep_below = per_task(dare_keep, tasks, "dare_keep");
+  TORCH_CHECK_VALUE(seed >= 0, "seed must be >= 0, got ", seed);
+  at::Tensor result = at::empty({tasks, 2}, at::TensorOptions().dtype(at::kDouble));
+  double* r = result.mutable_data_ptr<double>();
+  const int64_t nblocks = (in.n + kMergeGrain - 1) / kMergeGrain;
+  for (int64_t t = 0; t < tasks; ++t) {
+    const uint32_t key = dare_task_key(seed, task_offset + t);
+    std::vector<double> all(nblocks, 0.0), kept(nblocks, 0.0);
+    at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+      alignas(64) float f[kSub], b[kSub];
+      alignas(64) uint32_t keep[kSub];
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        double a = 0.0, k = 0.0;
+        for (int64_t start = blk * kMergeGrain; start < std::min(in.n, (blk + 1) * kMergeGrain); start += kSub) {
+          const int64_t len = std::min(kSub, in.n - start);
+          load_floats(in.finetuned[t], start, len, f);
+          if (in.base.has_value()) {
+            load_floats(*in.base, start, len, b);
+            subtract(f, b, len, f);
+          }
+          std::fill(keep, keep + len, 1u);
+          dare_filter(start, len, key, uint32_t(keep_below[t]), keep);
+          for (int64_t i = 0; i < len; ++i) {
+            const double m = std::fabs(double(f[i]));
+            a += m;
+            k += keep[i] ? m : 0.0;
+          }
+        }
+        all[blk] = a;
+        kept[blk] = k;
+      }
+    });
+    double a = 0.0, k = 0.0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {  // fixed order: same bits for any thread count
+      a += all[blk];
+      k += kept[blk];
+    }
+    r[2 * t] = a;
+    r[2 * t + 1] = k;
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------
+// TALL masks and Consensus
+// ---------------------------------------------------------------------------------------
+
+MTMERGE_CLONES void tall_bits(const float* d, const float* m, int64_t len, float lam, uint8_t* bits) {
+  for (int64_t i = 0; i < len; ++i) bits[i] = uint8_t(std::fabs(d[i]) > lam * std::fabs(m[i] - d[i]));
+}
+
+at::Tensor tall_masks_cpu(const c10::optional<at::Tensor>& base, at::TensorList finetuned, const at::Tensor& merged,
+                          at::ArrayRef<double> lams) {
+  const TaskInputs in = task_inputs(base, finetuned, c10::nullopt);
+  const int64_t tasks = in.tasks();
+  const std::vector<double> lam = per_task(lams, tasks, "lams");
+  check_float_dtype(merged, "merged");
+  TORCH_CHECK_VALUE(merged.numel() == in.n, "merged must have ", in.n, " elements, got ", merged.numel());
+  TORCH_CHECK_VALUE(merged.device().is_cpu(), "merged must be a CPU tensor");
+  const at::Tensor mtl = merged.contiguous();
+  const int64_t nbytes = (in.n + 7) / 8;
+  at::Tensor masks = at::empty({tasks, nbytes}, at::TensorOptions().dtype(at::kByte));
+  // Parallel over sub-blocks of kSub entries (a multiple of 8), so each owns whole bytes.
+  const int64_t nsub = (in.n + kSub - 1) / kSub;
+  at::parallel_for(0, nsub, kMergeGrain / kSub, [&](int64_t sub_begin, int64_t sub_end) {
+    alignas(64) float f[kSub], b[kSub], m[kSub];
+    alignas(64) uint8_t bits[kSub];
+    for (int64_t start = sub_begin * kSub; start < std::min(in.n, sub_end * kSub); start += kSub) {
+      const int64_t len = std::min(kSub, in.n - start);
+      load_floats(mtl, start, len, m);
+      if (in.base.has_value()) load_floats(*in.base, start, len, b);
+      for (int64_t t = 0; t < tasks; ++t) {
+        load_floats(in.finetuned[t], start, len, f);
+        if (in.base.has_value()) subtract(f, b, len, f);
+        tall_bits(f, m, len, float(lam[t]), bits);
+        std::fill(bits + len, bits + ((len + 7) & ~int64_t(7)), uint8_t(0));
+        uint8_t* row = masks.mutable_data_ptr<uint8_t>() + t * nbytes + start / 8;
+        for (int64_t j = 0; j < (len + 7) / 8; ++j) {
+          uint32_t byte = 0;
+          for (int q = 0; q < 8; ++q) byte |= uint32_t(bits[8 * j + q]) << q;
+          row[j] = uint8_t(byte);
+        }
+      }
+    }
+  });
+  return masks;
+}
+
+at::Tensor consensus_mask_cpu(const at::Tensor& masks, int64_t k) {
+  TORCH_CHECK_VALUE(masks.scalar_type() == at::kByte && masks.dim() == 2, "masks must be uint8 [T, nbytes]");
+  TORCH_CHECK_VALUE(masks.device().is_cpu(), "masks must be a CPU tensor");
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  const at::Tensor m = masks.contiguous();
+  const int64_t tasks = m.size(0), nbytes = m.size(1);
+  at::Tensor out = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
+  const uint8_t* src = m.const_data_ptr<uint8_t>();
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, nbytes, kMergeGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      uint32_t byte = 0;
+      for (int q = 0; q < 8; ++q) {
+        int64_t count = 0;
+        for (int64_t t = 0; t < tasks; ++t) count += (src[t * nbytes + j] >> q) & 1;
+        byte |= uint32_t(count >= k) << q;
+      }
+      dst[j] = uint8_t(byte);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtmerge, CPU, m) {
+  m.impl("delta_threshold", &delta_threshold_cpu);
+  m.impl("tie_cutoffs", &tie_cutoffs_cpu);
+  m.impl("dare_abs_sums", &dare_abs_sums_cpu);
+  m.impl("elect_sign_total", &elect_sign_total_cpu);
+  m.impl("merge_fused", &merge_fused_cpu);
+  m.impl("tall_masks", &tall_masks_cpu);
+  m.impl("consensus_mask", &consensus_mask_cpu);
+}
+
+}  // namespace mtmerge
