@@ -473,8 +473,10 @@ Selected select_rank_from_top(const Source& all, const KeyFormat& fmt, int64_t r
 // plain radix passes. Either way the answer is exact; the sample only decides the speed.
 constexpr int64_t kWindowMinEntries = int64_t(1) << 18;
 
+// The bracket [lo, hi] from a fixed-stride sample of 16K keys; false when the input is too
+// small or the bracket too wide to pay off.
 template <typename K, typename Source>
-bool select_with_window(const Source& segs, const KeyFormat& fmt, int64_t rank, Selected* result) {
+bool window_bracket(const Source& segs, const KeyFormat& fmt, int64_t rank, uint32_t* lo_out, uint32_t* hi_out) {
   const int64_t n = segs.total();
   if (n < kWindowMinEntries) return false;
   constexpr int64_t kSample = 16384;
@@ -496,8 +498,21 @@ bool select_with_window(const Source& segs, const KeyFormat& fmt, int64_t rank, 
     std::nth_element(sample.begin(), sample.begin() + pos, sample.end(), std::greater<uint32_t>());
     return sample[pos];
   };
-  const uint32_t hi = top <= 0 ? fmt.inf_key : largest(top);
-  const uint32_t lo = bottom >= kSample - 1 ? 0u : largest(bottom);
+  *hi_out = top <= 0 ? fmt.inf_key : largest(top);
+  *lo_out = bottom >= kSample - 1 ? 0u : largest(bottom);
+  return true;
+}
+
+// After a window pass: the rank-th largest key from the tallies and the in-window copy, or
+// false when the bracket missed.
+inline bool finish_window(const KeyFormat& fmt, int64_t rank, const WindowTally& total,
+                          std::vector<uint32_t>& candidates, Selected* result);
+
+template <typename K, typename Source>
+bool select_with_window(const Source& segs, const KeyFormat& fmt, int64_t rank, Selected* result) {
+  const int64_t n = segs.total();
+  uint32_t lo = 0, hi = 0;
+  if (!window_bracket<K>(segs, fmt, rank, &lo, &hi)) return false;
 
   const WindowFn<K> window = window_fn<K>();
   constexpr int64_t kBlockLen = 4096;
@@ -524,9 +539,13 @@ bool select_with_window(const Source& segs, const KeyFormat& fmt, int64_t rank, 
     if (!full) candidates.insert(candidates.end(), local.get(), local.get() + tally.kept);
   });
   if (overflow) return false;
+  return finish_window(fmt, rank, total, candidates, result);
+}
+
+inline bool finish_window(const KeyFormat& fmt, int64_t rank, const WindowTally& total,
+                          std::vector<uint32_t>& candidates, Selected* result) {
   reject_nan(total.nan);
-  const int64_t in_window = int64_t(candidates.size());
-  if (!(total.above < rank && rank <= total.above + in_window)) return false;  // the bracket missed
+  const int64_t in_window = int64_t(candidates.size());  if (!(total.above < rank && rank <= total.above + in_window)) return false;  // the bracket missed
 
   KeySegments<uint32_t> window_keys;
   window_keys.data = {candidates.data()};

@@ -26,7 +26,7 @@
 namespace mtmerge {
 namespace {
 
-constexpr int64_t kSub = 256;            // elements per sub-block (T x 1 KB of scratch)
+constexpr int64_t kSub = 512;  // elements per sub-block (T x 2 KB of scratch)
 constexpr int64_t kMergeGrain = 1 << 15;  // elements per parallel task
 constexpr uint32_t kAbsMask = 0x7fffffffu;
 constexpr uint32_t kInfKey = 0x7f800000u;
@@ -80,6 +80,14 @@ void load_floats(const at::Tensor& t, int64_t off, int64_t len, float* dst) {
       load_f16(static_cast<const uint16_t*>(t.const_data_ptr()) + off, len, dst);
       break;
   }
+}
+
+// The same entries as a float32 pointer: float32 tensors are read in place (no copy),
+// others are converted into buf.
+const float* floats_of(const at::Tensor& t, int64_t off, int64_t len, float* buf) {
+  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>() + off;
+  load_floats(t, off, len, buf);
+  return buf;
 }
 
 void store_floats(at::Tensor& t, int64_t off, int64_t len, const float* src) {
@@ -222,9 +230,9 @@ struct TaskKeySource {
     if (!in->base.has_value()) std::fill(b, b + kSub, 0.0f);  // tau - 0 has the bits of tau
     for (int64_t off = begin; off < end; off += kSub) {
       const int64_t len = std::min(kSub, end - off);
-      load_floats(in->finetuned[task], off, len, f);
-      if (in->base.has_value()) load_floats(*in->base, off, len, b);
-      delta_keys(f, b, len, keys);
+      const float* fp = floats_of(in->finetuned[task], off, len, f);
+      const float* bp = in->base.has_value() ? floats_of(*in->base, off, len, b) : b;
+      delta_keys(fp, bp, len, keys);
       if (in->consensus) {
         std::fill(keep, keep + len, 1u);
         consensus_filter(in->consensus, off, len, keep);
@@ -241,44 +249,6 @@ KeyFormat delta_format(bool reject_inf) {
   KeyFormat fmt = key_format(at::kFloat);
   if (reject_inf) fmt.inf_key -= 1;
   return fmt;
-}
-
-// Per-block counts of entries whose key equals t_key, then the flat index of the
-// ties_kept-th one (INT64_MAX if ties_kept covers every tie, -1 if it is 0).
-int64_t find_tie_cutoff(const TaskKeySource& source, uint32_t t_key, int64_t ties_kept) {
-  if (ties_kept <= 0) return -1;
-  const int64_t n = source.total();
-  const int64_t nblocks = (n + kGrain - 1) / kGrain;
-  std::vector<int64_t> counts(nblocks, 0);
-  at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      int64_t c = 0;
-      source.for_each_piece(blk * kGrain, std::min(n, (blk + 1) * kGrain), [&](const uint32_t* k, int64_t len) {
-        for (int64_t i = 0; i < len; ++i) c += k[i] == t_key;
-      });
-      counts[blk] = c;
-    }
-  });
-  int64_t total = 0;
-  for (int64_t c : counts) total += c;
-  if (ties_kept >= total) return std::numeric_limits<int64_t>::max();  // every tie is kept
-  int64_t before = 0;
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    if (before + counts[blk] < ties_kept) {
-      before += counts[blk];
-      continue;
-    }
-    // The ties_kept-th tie is in this block: walk it in order.
-    int64_t cutoff = -1, pos = blk * kGrain;
-    source.for_each_piece(pos, std::min(n, (blk + 1) * kGrain), [&](const uint32_t* k, int64_t len) {
-      for (int64_t i = 0; i < len && cutoff < 0; ++i) {
-        if (k[i] == t_key && ++before == ties_kept) cutoff = pos + i;
-      }
-      pos += len;
-    });
-    return cutoff;
-  }
-  return std::numeric_limits<int64_t>::max();  // unreachable: total > ties_kept
 }
 
 // Rethrows select.h's NaN error (or the Inf count from delta_format(true)) naming the task.
@@ -304,6 +274,152 @@ int64_t find_tie_cutoff(const TaskKeySource& source, uint32_t t_key, int64_t tie
 }
 
 // ---------------------------------------------------------------------------------------
+// Every task's selection in one read of base and the finetuned tensors: select.h's window
+// fast path with one bracket per task (reading base once instead of T times), then the
+// tie cut-offs of all tasks that need one in one more shared pass.
+// ---------------------------------------------------------------------------------------
+
+struct TaskWindow {
+  bool active = false;  // bracketed by the sample; otherwise the task falls back alone
+  uint32_t lo = 1, hi = 0;
+  bool overflow = false;
+  WindowTally total;
+  std::vector<uint32_t> candidates;
+};
+
+// Selected of each task for ranks[t] (ranks[t] == 0: only the NaN/Inf check). false in
+// done[t] means the fast path could not answer and the caller must select that task alone.
+void select_all_tasks(const TaskInputs& in, const KeyFormat& fmt, const std::vector<int64_t>& ranks,
+                      std::vector<Selected>& results, std::vector<bool>& done) {
+  const int64_t tasks = in.tasks(), n = in.n;
+  std::vector<TaskWindow> win(tasks);
+  bool any = false;
+  for (int64_t t = 0; t < tasks; ++t) {
+    if (n < kWindowMinEntries) break;
+    if (ranks[t] == 0) {
+      win[t].active = true;  // empty window (lo > hi): the pass only counts NaN/Inf
+    } else {
+      win[t].active = window_bracket<uint32_t>(TaskKeySource{&in, t}, fmt, ranks[t], &win[t].lo, &win[t].hi);
+    }
+    any |= win[t].active;
+  }
+  done.assign(tasks, false);
+  results.assign(tasks, Selected{fmt.inf_key, 0, 0});
+  if (!any) return;
+  const WindowFn<uint32_t> window = window_fn<uint32_t>();
+  std::mutex merge_lock;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t capacity = (end - begin) / 4 + kSub;  // uninitialized: untouched pages are free
+    std::vector<std::unique_ptr<uint32_t[]>> local(tasks);
+    std::vector<WindowTally> tally(tasks);
+    std::vector<bool> full(tasks, false);
+    for (int64_t t = 0; t < tasks; ++t) {
+      if (win[t].active && ranks[t] > 0) local[t].reset(new uint32_t[size_t(capacity + kSub + 16)]);
+    }
+    alignas(64) float f[kSub], b[kSub];
+    alignas(64) uint32_t keys[kSub], keep[kSub];
+    uint32_t scratch[16 + 1];  // the vector stores of an empty window need room
+    if (!in.base.has_value()) std::fill(b, b + kSub, 0.0f);
+    for (int64_t off = begin; off < end; off += kSub) {
+      const int64_t len = std::min(kSub, end - off);
+      const float* bp = in.base.has_value() ? floats_of(*in.base, off, len, b) : b;
+      if (in.consensus) {
+        std::fill(keep, keep + len, 1u);
+        consensus_filter(in.consensus, off, len, keep);
+      }
+      for (int64_t t = 0; t < tasks; ++t) {
+        if (!win[t].active || full[t]) continue;
+        delta_keys(floats_of(in.finetuned[t], off, len, f), bp, len, keys);
+        if (in.consensus) {
+          for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
+        }
+        full[t] = tally[t].kept > capacity;
+        if (!full[t]) {
+          window(keys, len, fmt.abs_mask, win[t].lo, win[t].hi, fmt.inf_key, local[t] ? local[t].get() : scratch,
+                 tally[t]);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> guard(merge_lock);  // candidate order is irrelevant: only counts are used
+    for (int64_t t = 0; t < tasks; ++t) {
+      if (!win[t].active) continue;
+      win[t].overflow = win[t].overflow || full[t];
+      win[t].total.above += tally[t].above;
+      win[t].total.nan += tally[t].nan;
+      if (!full[t] && local[t]) win[t].candidates.insert(win[t].candidates.end(), local[t].get(), local[t].get() + tally[t].kept);
+    }
+  });
+  for (int64_t t = 0; t < tasks; ++t) {
+    if (!win[t].active || win[t].overflow) continue;
+    if (win[t].total.nan > 0) reject_nonfinite_task(TaskKeySource{&in, t}, t);
+    if (ranks[t] == 0) {
+      done[t] = true;
+      continue;
+    }
+    done[t] = finish_window(fmt, ranks[t], win[t].total, win[t].candidates, &results[t]);
+  }
+}
+
+// Tie cut-offs for several tasks: per-block tie counts of all of them in one shared pass,
+// then a walk of the one block that holds each task's last kept tie.
+void find_tie_cutoffs(const TaskInputs& in, const std::vector<int64_t>& tasks_needing,
+                      const std::vector<uint32_t>& t_keys, const std::vector<int64_t>& ties_kept,
+                      std::vector<int64_t>& cutoffs) {
+  const int64_t m = int64_t(tasks_needing.size());
+  if (m == 0) return;
+  const int64_t n = in.n, nblocks = (n + kGrain - 1) / kGrain;
+  std::vector<int64_t> counts(m * nblocks, 0);
+  at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+    alignas(64) float f[kSub], b[kSub];
+    alignas(64) uint32_t keys[kSub], keep[kSub];
+    if (!in.base.has_value()) std::fill(b, b + kSub, 0.0f);
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      for (int64_t off = blk * kGrain; off < std::min(n, (blk + 1) * kGrain); off += kSub) {
+        const int64_t len = std::min(kSub, n - off);
+        const float* bp = in.base.has_value() ? floats_of(*in.base, off, len, b) : b;
+        if (in.consensus) {
+          std::fill(keep, keep + len, 1u);
+          consensus_filter(in.consensus, off, len, keep);
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t t = tasks_needing[j];
+          delta_keys(floats_of(in.finetuned[t], off, len, f), bp, len, keys);
+          if (in.consensus) {  // outside the consensus mask keys are 0, as in TaskKeySource
+            for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
+          }
+          int64_t c = 0;
+          for (int64_t i = 0; i < len; ++i) c += keys[i] == t_keys[j];
+          counts[j * nblocks + blk] += c;
+        }
+      }
+    }
+  });
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t t = tasks_needing[j];
+    int64_t total = 0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) total += counts[j * nblocks + blk];
+    if (ties_kept[j] <= 0) {
+      cutoffs[t] = -1;
+      continue;
+    }
+    if (ties_kept[j] >= total) {
+      cutoffs[t] = std::numeric_limits<int64_t>::max();
+      continue;
+    }
+    int64_t before = 0, blk = 0;
+    while (before + counts[j * nblocks + blk] < ties_kept[j]) before += counts[j * nblocks + blk++];
+    int64_t pos = blk * kGrain, cutoff = -1;
+    TaskKeySource{&in, t}.for_each_piece(pos, std::min(n, (blk + 1) * kGrain), [&](const uint32_t* k, int64_t len) {
+      for (int64_t i = 0; i < len && cutoff < 0; ++i) {
+        if (k[i] == t_keys[j] && ++before == ties_kept[j]) cutoff = pos + i;
+      }
+      pos += len;
+    });
+    cutoffs[t] = cutoff;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Op: delta_threshold / tie_cutoffs
 // ---------------------------------------------------------------------------------------
 
@@ -319,33 +435,50 @@ std::tuple<at::Tensor, at::Tensor> delta_threshold_cpu(const c10::optional<at::T
   const KeyFormat fmt = delta_format(!allow_nonfinite);
   at::Tensor thresholds = at::empty({in.tasks()}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor cutoffs = at::empty({in.tasks()}, at::TensorOptions().dtype(at::kLong));
-  const int64_t n = in.n;
-  for (int64_t t = 0; t < in.tasks(); ++t) {
+  const int64_t n = in.n, tasks = in.tasks();
+  const bool exact = sel == "exact";
+  // The rank to select per task: exact keeps the k largest (rank k; k = 0 selects nothing);
+  // geq keeps |tau| >= the (k+1)-th largest (k = n: the smallest, so all).
+  std::vector<int64_t> ranks(tasks, 0);
+  for (int64_t t = 0; t < tasks; ++t) {
     TORCH_CHECK_VALUE(k[t] >= 0 && k[t] <= n, "ks must be in [0, ", n, "], got ", k[t]);
+    ranks[t] = exact ? k[t] : (n > 0 ? std::min(k[t] + 1, n) : 0);
+  }
+  std::vector<Selected> selected;
+  std::vector<bool> done;
+  select_all_tasks(in, fmt, ranks, selected, done);
+  for (int64_t t = 0; t < tasks; ++t) {  // the tasks the shared pass could not answer, alone
+    if (done[t]) continue;
     const TaskKeySource source{&in, t};
-    uint32_t key = kInfKey;
-    int64_t cutoff = -1;
     try {
-      if (sel == "exact") {
-        if (k[t] > 0) {
-          const Selected s = select_rank<uint32_t, Loops32>(source, fmt, k[t]);
-          key = s.key;
-          const int64_t ties_kept = k[t] - s.greater;
-          cutoff = ties_kept >= s.equal ? std::numeric_limits<int64_t>::max()
-                                        : find_tie_cutoff(source, key, ties_kept);
-        } else {
-          check_no_nan<uint32_t>(source, fmt);
-        }
-      } else if (n > 0) {  // keep |tau| >= the (k+1)-th largest (k = n: the smallest, keep all)
-        key = select_rank<uint32_t, Loops32>(source, fmt, std::min(k[t] + 1, n)).key;
-        cutoff = std::numeric_limits<int64_t>::max();
+      if (ranks[t] > 0) {
+        selected[t] = select_rank<uint32_t, Loops32>(source, fmt, ranks[t]);
+      } else {
+        check_no_nan<uint32_t>(source, fmt);
       }
     } catch (const c10::ValueError&) {
       reject_nonfinite_task(source, t);
     }
-    thresholds.mutable_data_ptr<float>()[t] = bits_float(key);
-    cutoffs.mutable_data_ptr<int64_t>()[t] = cutoff;
   }
+  std::vector<int64_t> cut(tasks, -1), needing, kept;
+  std::vector<uint32_t> needing_keys;
+  for (int64_t t = 0; t < tasks; ++t) {
+    const Selected& s = selected[t];
+    if (ranks[t] == 0) {
+      cut[t] = -1;  // exact k = 0 (key = inf: nothing kept), or an empty tensor
+    } else if (!exact) {
+      cut[t] = std::numeric_limits<int64_t>::max();
+    } else if (k[t] - s.greater >= s.equal) {
+      cut[t] = std::numeric_limits<int64_t>::max();  // every tie is kept
+    } else {
+      needing.push_back(t);
+      needing_keys.push_back(s.key);
+      kept.push_back(k[t] - s.greater);
+    }
+    thresholds.mutable_data_ptr<float>()[t] = bits_float(ranks[t] == 0 ? kInfKey : s.key);
+  }
+  find_tie_cutoffs(in, needing, needing_keys, kept, cut);
+  for (int64_t t = 0; t < tasks; ++t) cutoffs.mutable_data_ptr<int64_t>()[t] = cut[t];
   return {thresholds, cutoffs};
 }
 
@@ -362,11 +495,16 @@ at::Tensor tie_cutoffs_cpu(const c10::optional<at::Tensor>& base, at::TensorList
                     "thresholds and ties_kept must have one entry per task (", in.tasks(), ")");
   const at::Tensor thr = thresholds.reshape({-1}).to(at::kFloat).cpu().contiguous();
   const at::Tensor kept = ties_kept.reshape({-1}).to(at::kLong).cpu().contiguous();
-  at::Tensor cutoffs = at::empty({in.tasks()}, at::TensorOptions().dtype(at::kLong));
+  std::vector<int64_t> all(in.tasks()), cut(in.tasks(), -1), ties(in.tasks());
+  std::vector<uint32_t> keys(in.tasks());
   for (int64_t t = 0; t < in.tasks(); ++t) {
-    cutoffs.mutable_data_ptr<int64_t>()[t] =
-        find_tie_cutoff(TaskKeySource{&in, t}, threshold_key(thr, t), kept.const_data_ptr<int64_t>()[t]);
+    all[t] = t;
+    keys[t] = threshold_key(thr, t);
+    ties[t] = kept.const_data_ptr<int64_t>()[t];
   }
+  find_tie_cutoffs(in, all, keys, ties, cut);
+  at::Tensor cutoffs = at::empty({in.tasks()}, at::TensorOptions().dtype(at::kLong));
+  std::copy(cut.begin(), cut.end(), cutoffs.mutable_data_ptr<int64_t>());
   return cutoffs;
 }
 
@@ -509,28 +647,42 @@ struct Scratch {
   alignas(64) float sum[kSub];
   alignas(64) float merged[kSub];
   alignas(64) uint32_t keep[kSub];
+  const float* base_ptr = nullptr;  // this sub-block's base values (sc.base or the tensor itself)
   explicit Scratch(int64_t tasks) : rows(size_t(tasks * kSub)) {
     for (int64_t t = 0; t < tasks; ++t) row_ptrs.push_back(rows.data() + t * kSub);
   }
   float* row(int64_t t) { return rows.data() + t * kSub; }
 };
 
+// Asks for the next sub-block of an input stream early: with T + 1 streams read a
+// sub-block at a time, the hardware prefetcher alone leaves the loads waiting.
+void prefetch_next(const at::Tensor& t, int64_t next, int64_t len, int64_t n) {
+  const int64_t stop = std::min(n, next + len);
+  const char* p = static_cast<const char*>(t.const_data_ptr());
+  const int64_t item = int64_t(t.element_size());
+  for (int64_t i = next * item; i < stop * item; i += 64) __builtin_prefetch(p + i);
+}
+
 // Stage 1 of a sub-block: tau_hat rows and the elected sums. With check_finite, adds the
 // non-finite inputs seen to nonfinite[0] (base) and nonfinite[1 + t] (finetuned[t]).
 void trim_and_elect(const TaskInputs& in, const MergePlan& p, int64_t start, int64_t len, bool check_finite,
                     Scratch& sc, int64_t* nonfinite) {
+  const float* base = sc.base;  // zeros without a base
   if (in.base.has_value()) {
-    load_floats(*in.base, start, len, sc.base);
-    if (check_finite) nonfinite[0] += count_nonfinite(sc.base, len);
+    prefetch_next(*in.base, start + len, len, in.n);
+    base = floats_of(*in.base, start, len, sc.base);
+    if (check_finite) nonfinite[0] += count_nonfinite(base, len);
   } else {
     std::fill(sc.base, sc.base + len, 0.0f);
   }
+  sc.base_ptr = base;
   std::fill(sc.sum, sc.sum + len, 0.0f);
   for (int64_t t = 0; t < in.tasks(); ++t) {
     float* v = sc.row(t);
-    load_floats(in.finetuned[t], start, len, sc.load);
-    if (check_finite) nonfinite[1 + t] += count_nonfinite(sc.load, len);
-    subtract(sc.load, sc.base, len, v);
+    prefetch_next(in.finetuned[t], start + len, len, in.n);
+    const float* f = floats_of(in.finetuned[t], start, len, sc.load);
+    if (check_finite) nonfinite[1 + t] += count_nonfinite(f, len);
+    subtract(f, base, len, v);
     trim_sub_block(v, sc.keep, start, len, p.threshold_keys[t], p.cutoffs[t]);
     if (p.dare_keep[t] < kDareKeepAll) dare_filter(start, len, p.dare_keys[t], p.dare_keep[t], sc.keep);
     if (in.consensus) consensus_filter(in.consensus, start, len, sc.keep);
@@ -602,7 +754,7 @@ void merge_fused_cpu(const c10::optional<at::Tensor>& base, at::TensorList finet
       } else {
         disjoint_merge(sc.row_ptrs.data(), tasks, len, sc.sum, plan, sc.merged);
       }
-      finish_output(sc.base, sc.merged, len, plan.lam, add_base, sc.load);
+      finish_output(sc.base_ptr, sc.merged, len, plan.lam, add_base, sc.load);
       store_floats(target, start, len, sc.load);
     }
     std::lock_guard<std::mutex> guard(nonfinite_lock);  // integer sums: order-free
