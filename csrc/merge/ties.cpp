@@ -90,6 +90,15 @@ const float* floats_of(const at::Tensor& t, int64_t off, int64_t len, float* buf
   return buf;
 }
 
+// Asks for the next sub-block of an input stream early: with T + 1 streams read a
+// sub-block at a time, the hardware prefetcher alone leaves the loads waiting.
+void prefetch_next(const at::Tensor& t, int64_t next, int64_t len, int64_t n) {
+  const int64_t stop = std::min(n, next + len);
+  const char* p = static_cast<const char*>(t.const_data_ptr());
+  const int64_t item = int64_t(t.element_size());
+  for (int64_t i = next * item; i < stop * item; i += 64) __builtin_prefetch(p + i);
+}
+
 void store_floats(at::Tensor& t, int64_t off, int64_t len, const float* src) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -279,18 +288,57 @@ KeyFormat delta_format(bool reject_inf) {
 // tie cut-offs of all tasks that need one in one more shared pass.
 // ---------------------------------------------------------------------------------------
 
+constexpr int64_t kSelectSub = 4096;  // sub-block of the shared selection pass
+
+// One parallel chunk's in-window keys, in flat order, and the count kept after each of its
+// sub-blocks: enough to place the threshold's ties without another pass over the data.
+struct ChunkTrace {
+  int64_t begin = 0, end = 0;
+  std::vector<uint32_t> keys;
+  std::vector<int64_t> kept_after;  // kept_after[j]: keys kept in sub-blocks 0..j
+};
+
 struct TaskWindow {
   bool active = false;  // bracketed by the sample; otherwise the task falls back alone
   uint32_t lo = 1, hi = 0;
   bool overflow = false;
   WindowTally total;
-  std::vector<uint32_t> candidates;
+  std::vector<ChunkTrace> chunks;
 };
+
+// The flat index of the ties_kept-th key equal to t_key (1 <= ties_kept < #ties), from the
+// window pass's trace (all ties of the threshold are in the window): count ties per traced
+// sub-block, then walk the one sub-block where the count is reached.
+int64_t tie_cutoff_from_trace(const TaskInputs& in, int64_t task, TaskWindow& w, uint32_t t_key, int64_t ties_kept) {
+  std::sort(w.chunks.begin(), w.chunks.end(), [](const ChunkTrace& a, const ChunkTrace& b) { return a.begin < b.begin; });
+  int64_t before = 0;
+  for (const ChunkTrace& c : w.chunks) {
+    int64_t prev = 0;
+    for (size_t j = 0; j < c.kept_after.size(); ++j) {
+      int64_t ties = 0;
+      for (int64_t i = prev; i < c.kept_after[j]; ++i) ties += c.keys[i] == t_key;
+      prev = c.kept_after[j];
+      if (before + ties < ties_kept) {
+        before += ties;
+        continue;
+      }
+      int64_t pos = c.begin + int64_t(j) * kSelectSub, cutoff = -1;
+      TaskKeySource{&in, task}.for_each_piece(pos, std::min(c.end, pos + kSelectSub), [&](const uint32_t* k, int64_t len) {
+        for (int64_t i = 0; i < len && cutoff < 0; ++i) {
+          if (k[i] == t_key && ++before == ties_kept) cutoff = pos + i;
+        }
+        pos += len;
+      });
+      return cutoff;
+    }
+  }
+  return std::numeric_limits<int64_t>::max();  // unreachable when ties_kept < #ties
+}
 
 // Selected of each task for ranks[t] (ranks[t] == 0: only the NaN/Inf check). false in
 // done[t] means the fast path could not answer and the caller must select that task alone.
-void select_all_tasks(const TaskInputs& in, const KeyFormat& fmt, const std::vector<int64_t>& ranks,
-                      std::vector<Selected>& results, std::vector<bool>& done) {
+std::vector<TaskWindow> select_all_tasks(const TaskInputs& in, const KeyFormat& fmt, const std::vector<int64_t>& ranks,
+                                         std::vector<Selected>& results, std::vector<bool>& done) {
   const int64_t tasks = in.tasks(), n = in.n;
   std::vector<TaskWindow> win(tasks);
   bool any = false;
@@ -305,23 +353,25 @@ void select_all_tasks(const TaskInputs& in, const KeyFormat& fmt, const std::vec
   }
   done.assign(tasks, false);
   results.assign(tasks, Selected{fmt.inf_key, 0, 0});
-  if (!any) return;
+  if (!any) return win;
   const WindowFn<uint32_t> window = window_fn<uint32_t>();
   std::mutex merge_lock;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    const int64_t capacity = (end - begin) / 4 + kSub;  // uninitialized: untouched pages are free
+    const int64_t capacity = (end - begin) / 4 + kSelectSub;  // uninitialized: untouched pages are free
     std::vector<std::unique_ptr<uint32_t[]>> local(tasks);
     std::vector<WindowTally> tally(tasks);
     std::vector<bool> full(tasks, false);
+    std::vector<std::vector<int64_t>> kept_after(tasks);
     for (int64_t t = 0; t < tasks; ++t) {
-      if (win[t].active && ranks[t] > 0) local[t].reset(new uint32_t[size_t(capacity + kSub + 16)]);
+      if (win[t].active && ranks[t] > 0) local[t].reset(new uint32_t[size_t(capacity + kSelectSub + 16)]);
     }
-    alignas(64) float f[kSub], b[kSub];
-    alignas(64) uint32_t keys[kSub], keep[kSub];
+    alignas(64) float f[kSelectSub], b[kSelectSub];
+    alignas(64) uint32_t keys[kSelectSub], keep[kSelectSub];
     uint32_t scratch[16 + 1];  // the vector stores of an empty window need room
-    if (!in.base.has_value()) std::fill(b, b + kSub, 0.0f);
-    for (int64_t off = begin; off < end; off += kSub) {
-      const int64_t len = std::min(kSub, end - off);
+    if (!in.base.has_value()) std::fill(b, b + kSelectSub, 0.0f);
+    for (int64_t off = begin; off < end; off += kSelectSub) {
+      const int64_t len = std::min(kSelectSub, end - off);
+      if (in.base.has_value()) prefetch_next(*in.base, off + len, len, n);
       const float* bp = in.base.has_value() ? floats_of(*in.base, off, len, b) : b;
       if (in.consensus) {
         std::fill(keep, keep + len, 1u);
@@ -329,6 +379,7 @@ void select_all_tasks(const TaskInputs& in, const KeyFormat& fmt, const std::vec
       }
       for (int64_t t = 0; t < tasks; ++t) {
         if (!win[t].active || full[t]) continue;
+        prefetch_next(in.finetuned[t], off + len, len, n);
         delta_keys(floats_of(in.finetuned[t], off, len, f), bp, len, keys);
         if (in.consensus) {
           for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
@@ -337,6 +388,7 @@ void select_all_tasks(const TaskInputs& in, const KeyFormat& fmt, const std::vec
         if (!full[t]) {
           window(keys, len, fmt.abs_mask, win[t].lo, win[t].hi, fmt.inf_key, local[t] ? local[t].get() : scratch,
                  tally[t]);
+          kept_after[t].push_back(tally[t].kept);
         }
       }
     }
@@ -346,7 +398,14 @@ void select_all_tasks(const TaskInputs& in, const KeyFormat& fmt, const std::vec
       win[t].overflow = win[t].overflow || full[t];
       win[t].total.above += tally[t].above;
       win[t].total.nan += tally[t].nan;
-      if (!full[t] && local[t]) win[t].candidates.insert(win[t].candidates.end(), local[t].get(), local[t].get() + tally[t].kept);
+      if (!full[t] && local[t]) {
+        ChunkTrace trace;
+        trace.begin = begin;
+        trace.end = end;
+        trace.keys.assign(local[t].get(), local[t].get() + tally[t].kept);
+        trace.kept_after = std::move(kept_after[t]);
+        win[t].chunks.push_back(std::move(trace));
+      }
     }
   });
   for (int64_t t = 0; t < tasks; ++t) {
@@ -356,8 +415,11 @@ void select_all_tasks(const TaskInputs& in, const KeyFormat& fmt, const std::vec
       done[t] = true;
       continue;
     }
-    done[t] = finish_window(fmt, ranks[t], win[t].total, win[t].candidates, &results[t]);
+    std::vector<uint32_t> candidates;
+    for (const ChunkTrace& c : win[t].chunks) candidates.insert(candidates.end(), c.keys.begin(), c.keys.end());
+    done[t] = finish_window(fmt, ranks[t], win[t].total, candidates, &results[t]);
   }
+  return win;
 }
 
 // Tie cut-offs for several tasks: per-block tie counts of all of them in one shared pass,
@@ -446,7 +508,8 @@ std::tuple<at::Tensor, at::Tensor> delta_threshold_cpu(const c10::optional<at::T
   }
   std::vector<Selected> selected;
   std::vector<bool> done;
-  select_all_tasks(in, fmt, ranks, selected, done);
+  std::vector<TaskWindow> windows = select_all_tasks(in, fmt, ranks, selected, done);
+  const std::vector<bool> traced = done;
   for (int64_t t = 0; t < tasks; ++t) {  // the tasks the shared pass could not answer, alone
     if (done[t]) continue;
     const TaskKeySource source{&in, t};
@@ -470,6 +533,8 @@ std::tuple<at::Tensor, at::Tensor> delta_threshold_cpu(const c10::optional<at::T
       cut[t] = std::numeric_limits<int64_t>::max();
     } else if (k[t] - s.greater >= s.equal) {
       cut[t] = std::numeric_limits<int64_t>::max();  // every tie is kept
+    } else if (traced[t]) {
+      cut[t] = tie_cutoff_from_trace(in, t, windows[t], s.key, k[t] - s.greater);
     } else {
       needing.push_back(t);
       needing_keys.push_back(s.key);
@@ -654,13 +719,38 @@ struct Scratch {
   float* row(int64_t t) { return rows.data() + t * kSub; }
 };
 
-// Asks for the next sub-block of an input stream early: with T + 1 streams read a
-// sub-block at a time, the hardware prefetcher alone leaves the loads waiting.
-void prefetch_next(const at::Tensor& t, int64_t next, int64_t len, int64_t n) {
-  const int64_t stop = std::min(n, next + len);
-  const char* p = static_cast<const char*>(t.const_data_ptr());
-  const int64_t item = int64_t(t.element_size());
-  for (int64_t i = next * item; i < stop * item; i += 64) __builtin_prefetch(p + i);
+// The common case of one task's stage 1 (no DARE, no consensus) as ONE loop: tau, trim,
+// rescale, election sum and the non-finite count, so the data is touched once. Same float
+// operations as the separate loops below.
+template <bool kCount, bool kCheck>
+MTMERGE_ALWAYS_INLINE int64_t task_stage_body(const float* __restrict f, const float* __restrict b, int64_t len,
+                                              uint32_t t_key, int32_t last_tie, float scale, float ew,
+                                              float* __restrict v, float* __restrict s) {
+  int64_t nonfinite = 0;
+  for (int32_t i = 0; i < int32_t(len); ++i) {
+    if constexpr (kCheck) nonfinite += (float_bits(f[i]) & kInfKey) == kInfKey;
+    const float d = f[i] - b[i];
+    const uint32_t key = float_bits(d) & kAbsMask;
+    const bool keep = (key > t_key) | ((key == t_key) & (i <= last_tie));
+    const float vi = keep ? d * scale : 0.0f;
+    v[i] = vi;
+    if constexpr (kCount) {
+      s[i] += sign_of(vi * ew);
+    } else {
+      s[i] += vi * ew;
+    }
+  }
+  return nonfinite;
+}
+
+MTMERGE_CLONES int64_t task_stage(const float* f, const float* b, int64_t len, uint32_t t_key, int32_t last_tie,
+                                  float scale, float ew, bool count, bool check, float* v, float* s) {
+  if (count) {
+    return check ? task_stage_body<true, true>(f, b, len, t_key, last_tie, scale, ew, v, s)
+                 : task_stage_body<true, false>(f, b, len, t_key, last_tie, scale, ew, v, s);
+  }
+  return check ? task_stage_body<false, true>(f, b, len, t_key, last_tie, scale, ew, v, s)
+               : task_stage_body<false, false>(f, b, len, t_key, last_tie, scale, ew, v, s);
 }
 
 // Stage 1 of a sub-block: tau_hat rows and the elected sums. With check_finite, adds the
@@ -681,6 +771,15 @@ void trim_and_elect(const TaskInputs& in, const MergePlan& p, int64_t start, int
     float* v = sc.row(t);
     prefetch_next(in.finetuned[t], start + len, len, in.n);
     const float* f = floats_of(in.finetuned[t], start, len, sc.load);
+    if (p.dare_keep[t] == kDareKeepAll && !in.consensus) {  // the fused one-loop path
+      const int32_t last_tie = int32_t(std::clamp<int64_t>(p.cutoffs[t] - start, -1, kSub));
+      // elect "none" sums into sc.sum too, unused (cheaper than a branch per element)
+      const float ew = p.elect_weighted ? p.weights[t] : 1.0f;
+      const int64_t bad = task_stage(f, base, len, p.threshold_keys[t], last_tie, p.scales[t], ew,
+                                     p.elect == Elect::kCount, check_finite, v, sc.sum);
+      if (check_finite) nonfinite[1 + t] += bad;
+      continue;
+    }
     if (check_finite) nonfinite[1 + t] += count_nonfinite(f, len);
     subtract(f, base, len, v);
     trim_sub_block(v, sc.keep, start, len, p.threshold_keys[t], p.cutoffs[t]);
