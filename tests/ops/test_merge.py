@@ -1106,3 +1106,31 @@ def test_allow_nonfinite_lets_inf_through():
         assert not bool(torch.isfinite(got[[5, 9]]).any())  # +inf elects +: inf / count; -inf likewise
     with pytest.raises(ValueError, match="Inf"):
         mtmerge.ties_merge(base, fts, 0.3, weights)
+
+
+# ---- large inputs: the shared window pass of the CPU selection (n >= 2**18) --------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("selection", ["exact", "geq"])
+def test_shared_window_selection_on_large_inputs(dtype, selection):
+    """Above 2**18 entries the CPU kernel selects every task in one shared sampled-window pass
+    and places the threshold's ties from that pass's trace: same bits as the reference, for
+    any thread count, with heavy ties (bf16 deltas take few values), a consensus mask and a
+    task whose k is 0."""
+    n = 2**18 + 4099
+    base, fts = make_models(n, 3, dtype, seed=900)
+    if dtype == torch.bfloat16:  # deltas on a coarse grid: thousands of ties at each threshold
+        fts = [(base.float() + torch.round(f.float() - base.float(), decimals=2)).to(dtype) for f in fts]
+    ks = [int(0.2 * n), 0, int(0.55 * n)] if selection == "exact" else [int(0.2 * n), n, int(0.55 * n)]
+    masks = ref.tall_masks(base, fts, sum(flat_task_vectors(base, fts)), [0.3, 0.3, 0.3])
+    consensus = ref.consensus_mask(masks, 1)
+    for cons in (None, consensus):
+        want = ref.delta_threshold(base, fts, ks, selection, False, cons)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.ops.mtmerge.delta_threshold(base, fts, ks, selection, False, cons)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (threads, cons is None)
+    if selection == "exact" and dtype == torch.bfloat16:
+        # partial ties really occur here, so the traced cut-off path ran
+        assert int((want[1] != INT64_MAX).sum()) >= 1
