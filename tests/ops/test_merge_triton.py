@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from mtmerge.kernels import merge as triton_merge
 
+import mtmerge
 from mtmerge.reference import merge as ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -468,3 +469,24 @@ def test_merge_kernel_compiles_for_gpu_without_contraction():
     if proc.returncode and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("no ptxas to finish the CUDA compile")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_dare_masks_identical_between_cpp_and_triton():
+    """The C++ kernel (torch.ops on CPU) and the Triton kernel draw the same DARE masks."""
+    assert mtmerge._library.cpu_kernel_registered("merge_fused"), "the C++ extension must be built for this test"
+    n, count = 3001, 3
+    ones = [torch.ones(n) for _ in range(count)]
+    keep = [ref.dare_keep_threshold(d) for d in (0.1, 0.5, 0.9)]
+    thr = torch.zeros(count)
+    cut = torch.full((count,), ref.INT64_MAX, dtype=torch.int64)
+    for seed, offset in [(0, 0), (12345, 7), (2**63 - 1, 1)]:
+        for t in range(count):
+            weights = [1.0 if s == t else 0.0 for s in range(count)]  # output = task t's mask
+            got_cpp = torch.empty(n)
+            got_triton = torch.empty(n)
+            args = (None, ones, weights, [1.0] * count, thr, cut, seed, keep, None, "none", False, 1, "sum", "count",
+                    1.0, False)
+            torch.ops.mtmerge.merge_fused(*args, got_cpp, offset)
+            triton_merge.merge_fused(*args, got_triton, offset)
+            assert torch.equal(got_cpp, got_triton)
+            assert torch.equal(got_cpp.bool(), ref.dare_keep_mask(n, seed, offset + t, keep[t]))
