@@ -14,7 +14,8 @@ $(VENV)/.stamp-deps: Makefile
 	$(PIP) install --quiet --upgrade pip
 	# torch first, by exact version: a bare `torch` requirement pulls a multi-GB CUDA build
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet numpy pytest ruff ninja pybind11 setuptools wheel "triton>=3.2"
+	$(PIP) install --quiet numpy pytest ruff ninja pybind11 setuptools wheel "triton>=3.2" pyyaml safetensors \
+		scikit-learn psutil
 	# Peers for the parity tests and benchmarks. --no-deps: their full requirements pull
 	# transformers and an unpinned (CUDA) torch; these few packages are all their merge code needs.
 	$(PIP) install --quiet --no-deps peft==0.21.2 mergekit==0.1.5 pydantic==2.14.3 pydantic-core==2.50.4 \
