@@ -28,10 +28,10 @@ $(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py pyproject.toml $(CSRC)
 
 install: $(VENV)/.stamp-build
 
-# The main job. Until the merge demo exists: build facts, op backends and a short benchmark.
+# The main job: a real multi-task merge experiment on scikit-learn's bundled digits (base,
+# six fine-tunes as safetensors checkpoints, merged through `mtmerge merge`'s pipeline).
 demo: install
-	$(PY) -m mtmerge info
-	$(PY) benchmarks/bench_select.py --quick
+	$(PY) -m mtmerge demo
 
 # The whole suite, Triton interpreter tests included. pytest's exit 5 ("no tests ran") fails too.
 test: install

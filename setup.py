@@ -65,6 +65,7 @@ setup(
     packages=[
         "mtmerge",
         "mtmerge.ops",
+        "mtmerge.merging",
         "mtmerge.reference",
         "mtmerge.kernels",
     ],

@@ -25,9 +25,23 @@ from mtmerge.ops.merge import (
 
 __version__ = "0.1.0"
 
+_MERGING = ("MergeConfig", "MergeSummary", "merge_checkpoints")
+
+
+def __getattr__(name: str):
+    """The checkpoint pipeline (``mtmerge.merging``) is imported on first use."""
+    if name in _MERGING:
+        from mtmerge import merging
+
+        return getattr(merging, name)
+    raise AttributeError(f"module 'mtmerge' has no attribute {name!r}")
+
+
 __all__ = [
     "FLAVORS",
     "MagnitudeThreshold",
+    "MergeConfig",
+    "MergeSummary",
     "TiesKnobs",
     "__version__",
     "_library",
@@ -38,6 +52,7 @@ __all__ = [
     "dare_ties",
     "magnitude_prune",
     "magnitude_threshold",
+    "merge_checkpoints",
     "tall_masks",
     "task_arithmetic",
     "ties",

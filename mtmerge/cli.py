@@ -1,4 +1,11 @@
-"""The ``mtmerge`` command (also ``python -m mtmerge``)."""
+"""The ``mtmerge`` command (also ``python -m mtmerge``).
+
+Subcommands: ``info`` (build facts, op backends), ``merge CONFIG.yaml -o OUT_DIR`` (the
+streaming checkpoint merge, :func:`mtmerge.merge_checkpoints`; under ``torchrun`` it runs
+distributed) and ``demo`` (the bundled demo, ``mtmerge/demo.py``, imported only when run).
+Errors a user can fix (bad config, mismatched checkpoints, existing output, disk space) print
+one line and exit with 1, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -74,17 +81,94 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(command: str, exc: BaseException) -> int:
+    message = str(exc).strip() or type(exc).__name__
+    lines = message.splitlines()
+    print(f"mtmerge {command}: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"  {line}", file=sys.stderr)
+    return 1
+
+
+def _raise_on_sigterm(signum, frame):  # torchrun stops the other ranks with SIGTERM
+    raise SystemExit(128 + signum)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from mtmerge.merging import merge_checkpoints
+
+    if args.output is None and not args.dry_run:
+        return _error("merge", ValueError("-o/--output OUT_DIR is required (or --dry-run)"))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        summary = merge_checkpoints(args.config, args.output, overwrite=args.overwrite,
+                                    max_shard_size=args.max_shard_size, dry_run=args.dry_run,
+                                    progress=False if args.no_progress else None, chunk_bytes=args.chunk_size)
+    except (ValueError, TypeError, OSError) as exc:  # OSError: FileNotFoundError, FileExistsError, disk space
+        return _error("merge", exc) if rank == 0 else 1
+    except KeyboardInterrupt:
+        print("mtmerge merge: interrupted; no output was written", file=sys.stderr)
+        return 130
+    if rank == 0:
+        print(summary)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        from mtmerge import demo
+    except ModuleNotFoundError as exc:
+        if exc.name in ("mtmerge.demo",):
+            return _error("demo", RuntimeError("the demo is not available in this installation (mtmerge.demo "
+                                               "is missing)"))
+        return _error("demo", RuntimeError(f"the demo needs {exc.name}: pip install 'mtmerge[demo]'"))
+    parser = argparse.ArgumentParser(prog="mtmerge demo", description="Run the bundled demo.")
+    demo.add_arguments(parser)
+    return demo.run(parser.parse_args(extra))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtmerge", description="Compiled kernels for multi-task models.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, build facts and the backend each op uses")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=_cmd_info)
+
+    merge = sub.add_parser(
+        "merge", help="merge safetensors checkpoints as a mergekit-style YAML config says",
+        description="Merge local safetensors checkpoints (task_arithmetic, ties, dare_ties, dare_linear, "
+                    "consensus_ties, consensus_task_arithmetic), streaming with bounded memory. Run it under "
+                    "`torchrun --nproc-per-node N -m mtmerge merge ...` to split the work across processes.")
+    merge.add_argument("config", help="the YAML config (mergekit's format: models, base_model, merge_method, "
+                                      "parameters, dtype, out_dtype)")
+    merge.add_argument("-o", "--output", metavar="OUT_DIR", help="output directory (created atomically)")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists, once the merge is "
+                                                                "complete")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB = 5*10^9 bytes)")
+    merge.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    merge.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    merge.add_argument("--chunk-size", default=None, metavar="SIZE",
+                       help="process tensors bigger than this in chunks (default 256MiB); peak memory is about "
+                            "(models + 2) x SIZE")
+    merge.set_defaults(func=_cmd_merge)
+
+    demo = sub.add_parser("demo", add_help=False, help="run the bundled demo (mtmerge demo --help for its options)")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "demo":
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 
