@@ -448,7 +448,7 @@ def _tie_scan_kernel(
 @_autotune(_ELEMENT_CONFIGS, key=["T", "DARE"], reset_to_zero=["partial_ptr"])
 @triton.jit
 def _dare_abs_sums_kernel(
-    base_ptr, ft_ptrs, iparams_ptr, partial_ptr, n,
+    base_ptr, ft_ptrs, iparams_ptr, partial_ptr, n, index_offset,
     T: tl.constexpr, HAS_BASE: tl.constexpr, DARE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """partial[block, t] = (sum |d_t|, sum of |d_t| over DARE's kept entries) in fp64."""
@@ -464,7 +464,8 @@ def _dare_abs_sums_kernel(
         a = tl.where(in_range, a, 0.0)
         kept = a
         if DARE:
-            kept = tl.where(_dare_kept(offs, tl.load(iparams_ptr + T + t), tl.load(iparams_ptr + 2 * T + t)), a, 0.0)
+            kept = tl.where(_dare_kept(offs + index_offset, tl.load(iparams_ptr + T + t),
+                                       tl.load(iparams_ptr + 2 * T + t)), a, 0.0)
         tl.store(row + 2 * t, tl.sum(a, axis=0))
         tl.store(row + 2 * t + 1, tl.sum(kept, axis=0))
 
@@ -474,7 +475,7 @@ def _dare_abs_sums_kernel(
 @triton.jit
 def _merge_kernel(
     base_ptr, ft_ptrs, cons_ptr, fparams_ptr, iparams_ptr, out_ptr, bad_ptr, partial_ptr,
-    n, lam, zero_fill,
+    n, lam, zero_fill, index_offset,
     T: tl.constexpr, HAS_BASE: tl.constexpr, ADD_BASE: tl.constexpr, HAS_CONS: tl.constexpr, DARE: tl.constexpr,
     ELECT: tl.constexpr, WEIGHTED: tl.constexpr, MERGE: tl.constexpr, DIV_WEIGHT: tl.constexpr,
     CHECK: tl.constexpr, SIGN_TOTAL: tl.constexpr, BLOCK: tl.constexpr,
@@ -515,7 +516,8 @@ def _merge_kernel(
         t_key = _magnitude_key(tl.load(fparams_ptr + 2 * T + t))
         keep = (key > t_key) | ((key == t_key) & (offs <= tl.load(iparams_ptr + t)))
         if DARE:
-            keep = keep & _dare_kept(offs, tl.load(iparams_ptr + T + t), tl.load(iparams_ptr + 2 * T + t))
+            dare_keep = _dare_kept(offs + index_offset, tl.load(iparams_ptr + T + t), tl.load(iparams_ptr + 2 * T + t))
+            keep = keep & dare_keep
         if HAS_CONS:
             keep = keep & cons_bit
         v = tl.where(keep, d * tl.load(fparams_ptr + T + t), 0.0)
@@ -854,7 +856,12 @@ def _dare_params(T: int, seed: int, dare_keep: Sequence[int], task_offset: int) 
 
 
 def dare_abs_sums(
-    base: Tensor | None, finetuned: Sequence[Tensor], seed: int, dare_keep: Sequence[int], task_offset: int = 0
+    base: Tensor | None,
+    finetuned: Sequence[Tensor],
+    seed: int,
+    dare_keep: Sequence[int],
+    task_offset: int = 0,
+    index_offset: int = 0,
 ) -> Tensor:
     """Triton launcher of ``mtmerge::dare_abs_sums``.
 
@@ -883,7 +890,7 @@ def dare_abs_sums(
     iparams = torch.tensor([0] * T + keep + task_keys, dtype=torch.int64).to(device)
     partial = torch.zeros((triton.cdiv(n, _MIN_BLOCK), T, 2), dtype=torch.float64, device=device)
     if n:
-        _dare_abs_sums_kernel[_grid_over(n)](fts[0] if b is None else b, fts, iparams, partial, n,
+        _dare_abs_sums_kernel[_grid_over(n)](fts[0] if b is None else b, fts, iparams, partial, n, int(index_offset),
                                              T=T, HAS_BASE=b is not None, DARE=dare, **_EXACT)
     return partial.sum(0)
 
@@ -895,6 +902,7 @@ _MERGE_CODES = {"mean": 0, "sum": 1, "max": 2}
 def _merge_launch(
     base, finetuned, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus, elect, elect_weighted,
     *, zero_fill=1, merge="sum", divisor="count", lam=1.0, check=False, out=None, task_offset=0, with_base=True,
+    index_offset=0,
 ) -> Tensor | None:
     """Validate and launch :func:`_merge_kernel`: write ``out``, or without ``out`` return the
     int64 0-d sum of sign(S) (elect_sign_total)."""
@@ -929,7 +937,7 @@ def _merge_launch(
     bad = torch.zeros((triton.cdiv(n, _MIN_BLOCK), T + 1) if check else (1,), dtype=torch.int32, device=device)
     _merge_kernel[_grid_over(n)](
         fts[0] if b is None else b, fts, fts[0] if cons is None else cons, fparams, iparams, target, bad,
-        partial, n, float(lam), float(zero_fill),
+        partial, n, float(lam), float(zero_fill), int(index_offset),
         T=T, DARE=dare, ELECT=max(_ELECT_CODES[elect], 1) if sign_total else _ELECT_CODES[elect],
         WEIGHTED=bool(elect_weighted), MERGE=_MERGE_CODES[merge], DIV_WEIGHT=divisor == "weight",
         CHECK=check, SIGN_TOTAL=sign_total, ADD_BASE=b is not None and bool(with_base), **_flags(b, cons), **_EXACT,
@@ -956,6 +964,7 @@ def elect_sign_total(
     elect: str = "sum",
     elect_weighted: bool = False,
     consensus: Tensor | None = None,
+    index_offset: int = 0,
 ) -> Tensor:
     """Triton launcher of ``mtmerge::elect_sign_total``.
 
@@ -973,6 +982,8 @@ def elect_sign_total(
         Elected values ("none" sums like "sum").
     elect_weighted : bool
         Elect on ``w_t tau_hat_t``.
+    index_offset : int
+        DARE numbers entry ``i`` as flat index ``index_offset + i`` (chunks of a tensor).
 
     Returns
     -------
@@ -980,7 +991,7 @@ def elect_sign_total(
         int64 0-d: ``sum_i sign(S_i)`` (per-block partial sums, summed in block order).
     """
     return _merge_launch(base, finetuned, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus, elect,
-                         elect_weighted)
+                         elect_weighted, index_offset=index_offset)
 
 
 def merge_fused(
@@ -1003,6 +1014,7 @@ def merge_fused(
     out: Tensor,
     task_offset: int = 0,
     with_base: bool = True,
+    index_offset: int = 0,
 ) -> None:
     """Triton launcher of ``mtmerge::merge_fused``: writes ``base + lam * merged`` into ``out``
     (``lam * merged`` without base or with ``with_base=False``).
@@ -1032,6 +1044,8 @@ def merge_fused(
         Task ``t`` draws DARE's stream of task number ``task_offset + t``.
     with_base : bool
         Add ``base`` to the output (it is still subtracted to form the task vectors).
+    index_offset : int
+        DARE numbers entry ``i`` as flat index ``index_offset + i`` (chunks of a tensor).
 
     Raises
     ------
@@ -1041,7 +1055,8 @@ def merge_fused(
     """
     _merge_launch(base, finetuned, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus, elect,
                   elect_weighted, zero_fill=zero_fill, merge=merge, divisor=divisor, lam=lam,
-                  check=not allow_nonfinite, out=out, task_offset=task_offset, with_base=with_base)
+                  check=not allow_nonfinite, out=out, task_offset=task_offset, with_base=with_base,
+                  index_offset=index_offset)
 
 
 # ---- launchers: TALL masks and Consensus ----------------------------------------------------

@@ -60,14 +60,15 @@ _OPS: dict[str, tuple[str, Callable[..., Any], str]] = {
         "mtmerge.kernels.merge:tie_cutoffs",
     ),
     "dare_abs_sums": (
-        "dare_abs_sums(Tensor? base, Tensor[] finetuned, int seed, int[] dare_keep, int task_offset=0) -> Tensor",
+        "dare_abs_sums(Tensor? base, Tensor[] finetuned, int seed, int[] dare_keep, int task_offset=0, "
+        "int index_offset=0) -> Tensor",
         ref_merge.dare_abs_sums,
         "mtmerge.kernels.merge:dare_abs_sums",
     ),
     "elect_sign_total": (
         "elect_sign_total(Tensor? base, Tensor[] finetuned, float[] weights, float[] scales, Tensor thresholds, "
         "Tensor tie_cutoffs, int seed, int[] dare_keep, str elect='sum', bool elect_weighted=False, "
-        "Tensor? consensus=None) -> Tensor",
+        "Tensor? consensus=None, int index_offset=0) -> Tensor",
         ref_merge.elect_sign_total,
         "mtmerge.kernels.merge:elect_sign_total",
     ),
@@ -75,7 +76,7 @@ _OPS: dict[str, tuple[str, Callable[..., Any], str]] = {
         "merge_fused(Tensor? base, Tensor[] finetuned, float[] weights, float[] scales, Tensor thresholds, "
         "Tensor tie_cutoffs, int seed, int[] dare_keep, Tensor? consensus, str elect, bool elect_weighted, "
         "int zero_fill, str merge, str divisor, float lam, bool allow_nonfinite, Tensor(a!) out, "
-        "int task_offset=0, bool with_base=True) -> ()",
+        "int task_offset=0, bool with_base=True, int index_offset=0) -> ()",
         ref_merge.merge_fused,
         "mtmerge.kernels.merge:merge_fused",
     ),
@@ -127,20 +128,20 @@ def _tie_cutoffs_fake(base, finetuned, thresholds, ties_kept, consensus=None):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::dare_abs_sums")
-def _dare_abs_sums_fake(base, finetuned, seed, dare_keep, task_offset=0):
+def _dare_abs_sums_fake(base, finetuned, seed, dare_keep, task_offset=0, index_offset=0):
     return finetuned[0].new_empty((len(finetuned), 2), dtype=torch.float64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::elect_sign_total")
 def _elect_sign_total_fake(base, finetuned, weights, scales, thresholds, tie_cutoffs, seed, dare_keep,
-                           elect="sum", elect_weighted=False, consensus=None):
+                           elect="sum", elect_weighted=False, consensus=None, index_offset=0):
     return finetuned[0].new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::merge_fused")
 def _merge_fused_fake(base, finetuned, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
                       elect, elect_weighted, zero_fill, merge, divisor, lam, allow_nonfinite, out, task_offset=0,
-                      with_base=True):
+                      with_base=True, index_offset=0):
     return None
 
 

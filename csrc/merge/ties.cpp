@@ -590,6 +590,7 @@ struct MergePlan {
   MergeRule merge = MergeRule::kMean;
   bool divide_by_weight = false;
   float lam = 1.0f;
+  int64_t index_offset = 0;  // DARE numbers entry i as flat index index_offset + i
 };
 
 MergePlan make_plan(const TaskInputs& in, at::ArrayRef<double> weights, at::ArrayRef<double> scales,
@@ -783,7 +784,9 @@ void trim_and_elect(const TaskInputs& in, const MergePlan& p, int64_t start, int
     if (check_finite) nonfinite[1 + t] += count_nonfinite(f, len);
     subtract(f, base, len, v);
     trim_sub_block(v, sc.keep, start, len, p.threshold_keys[t], p.cutoffs[t]);
-    if (p.dare_keep[t] < kDareKeepAll) dare_filter(start, len, p.dare_keys[t], p.dare_keep[t], sc.keep);
+    if (p.dare_keep[t] < kDareKeepAll) {
+      dare_filter(p.index_offset + start, len, p.dare_keys[t], p.dare_keep[t], sc.keep);
+    }
     if (in.consensus) consensus_filter(in.consensus, start, len, sc.keep);
     apply_keep(v, sc.keep, len, p.scales[t]);
     if (p.elect != Elect::kNone) {
@@ -812,9 +815,11 @@ void merge_fused_cpu(const c10::optional<at::Tensor>& base, at::TensorList finet
                      int64_t seed, at::IntArrayRef dare_keep, const c10::optional<at::Tensor>& consensus,
                      c10::string_view elect, bool elect_weighted, int64_t zero_fill, c10::string_view merge,
                      c10::string_view divisor, double lam, bool allow_nonfinite, at::Tensor& out,
-                     int64_t task_offset, bool with_base) {
+                     int64_t task_offset, bool with_base, int64_t index_offset) {
   const TaskInputs in = task_inputs(base, finetuned, consensus);
   MergePlan plan = make_plan(in, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, task_offset);
+  TORCH_CHECK_VALUE(index_offset >= 0, "index_offset must be >= 0, got ", index_offset);
+  plan.index_offset = index_offset;
   plan.elect = parse_elect(elect);
   plan.elect_weighted = elect_weighted;
   TORCH_CHECK_VALUE(zero_fill >= -1 && zero_fill <= 1, "zero_fill must be 1, -1 or 0, got ", zero_fill);
@@ -870,9 +875,11 @@ at::Tensor elect_sign_total_cpu(const c10::optional<at::Tensor>& base, at::Tenso
                                 at::ArrayRef<double> weights, at::ArrayRef<double> scales,
                                 const at::Tensor& thresholds, const at::Tensor& tie_cutoffs, int64_t seed,
                                 at::IntArrayRef dare_keep, c10::string_view elect, bool elect_weighted,
-                                const c10::optional<at::Tensor>& consensus) {
+                                const c10::optional<at::Tensor>& consensus, int64_t index_offset) {
   const TaskInputs in = task_inputs(base, finetuned, consensus);
   MergePlan plan = make_plan(in, weights, scales, thresholds, tie_cutoffs, seed, dare_keep, 0);
+  TORCH_CHECK_VALUE(index_offset >= 0, "index_offset must be >= 0, got ", index_offset);
+  plan.index_offset = index_offset;
   plan.elect = parse_elect(elect);
   TORCH_CHECK_VALUE(plan.elect != Elect::kNone, "elect must be 'sum' or 'count' here");
   plan.elect_weighted = elect_weighted;
@@ -893,7 +900,8 @@ at::Tensor elect_sign_total_cpu(const c10::optional<at::Tensor>& base, at::Tenso
 }
 
 at::Tensor dare_abs_sums_cpu(const c10::optional<at::Tensor>& base, at::TensorList finetuned, int64_t seed,
-                             at::IntArrayRef dare_keep, int64_t task_offset) {
+                             at::IntArrayRef dare_keep, int64_t task_offset, int64_t index_offset) {
+  TORCH_CHECK_VALUE(index_offset >= 0, "index_offset must be >= 0, got ", index_offset);
   const TaskInputs in = task_inputs(base, finetuned, c10::nullopt);
   const int64_t tasks = in.tasks();
   const std::vector<int64_t> keep_below = per_task(dare_keep, tasks, "dare_keep");
@@ -917,7 +925,7 @@ at::Tensor dare_abs_sums_cpu(const c10::optional<at::Tensor>& base, at::TensorLi
             subtract(f, b, len, f);
           }
           std::fill(keep, keep + len, 1u);
-          dare_filter(start, len, key, uint32_t(keep_below[t]), keep);
+          dare_filter(index_offset + start, len, key, uint32_t(keep_below[t]), keep);
           for (int64_t i = 0; i < len; ++i) {
             const double m = std::fabs(double(f[i]));
             a += m;

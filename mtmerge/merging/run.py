@@ -17,11 +17,10 @@ Methods, as fused-op calls on each tensor (``w`` weights, ``d`` densities, ``lam
 * ``consensus_ties`` / ``consensus_task_arithmetic``: :func:`mtmerge.consensus_merge`
   (TALL masks with ``tall_lambda``, at least ``k`` agreeing tasks).
 
-The per-tensor seed ``s`` of DARE is ``dare_seed(seed, name, chunk_start)`` (a blake2b hash):
-the masks do not depend on tensor order or on the number of ranks. A tensor processed in
-chunks draws one DARE stream per chunk (the fused op numbers entries from 0 in each call), so
-its mask, though equally random, differs from the unchunked one; its L1 rescale still uses
-the whole tensor's sums.
+The per-tensor seed ``s`` of DARE is ``dare_seed(seed, name)`` (a blake2b hash): the masks
+do not depend on tensor order or on the number of ranks. A tensor processed in chunks passes
+each chunk's start as the ops' ``index_offset``, so it draws exactly the unchunked mask; its
+L1 rescale uses the whole tensor's sums.
 
 Chunked tensors (bigger than ``chunk_bytes``). Elementwise methods just merge chunk by chunk.
 A TIES trim needs the tensor's top-k: it is found with the histogram selection below
@@ -141,9 +140,9 @@ class MergeSummary:
                 f"{format_bytes(self.throughput)}/s; peak RSS {format_bytes(self.peak_rss_bytes)} -> {self.out_dir}")
 
 
-def dare_seed(seed: int, name: str, start: int = 0) -> int:
-    """The DARE seed of the chunk of tensor ``name`` starting at flat element ``start``."""
-    digest = hashlib.blake2b(f"{seed}\x00{name}\x00{start}".encode(), digest_size=8).digest()
+def dare_seed(seed: int, name: str) -> int:
+    """The DARE seed of tensor ``name`` (its chunks use it with their start as index offset)."""
+    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -755,8 +754,8 @@ class _Engine:
                 sums = torch.zeros(self.T, 2, dtype=torch.float64)
                 for start, stop in tp.chunks:
                     base, xs = self.load(tp, start, stop)
-                    sums += torch.ops.mtmerge.dare_abs_sums(base, xs, dare_seed(self.cfg.seed, tp.name, start),
-                                                            st.dare_keep, 0).cpu()
+                    sums += torch.ops.mtmerge.dare_abs_sums(base, xs, dare_seed(self.cfg.seed, tp.name),
+                                                            st.dare_keep, 0, start).cpu()
                     if tp.chunked:
                         self.drop_cache()
                         self.progress.add(self.chunk_bytes_in(tp, start, stop))
@@ -788,8 +787,8 @@ class _Engine:
             cons = self.consensus(p, base, xs)
             thr, cut = self.trim(st, ci, base, xs, cons)
             total += int(torch.ops.mtmerge.elect_sign_total(
-                base, xs, p.weights, st.scales, thr, cut, dare_seed(self.cfg.seed, tp.name, start), st.dare_keep,
-                p.knobs.elect, p.knobs.elect_weighted, cons))
+                base, xs, p.weights, st.scales, thr, cut, dare_seed(self.cfg.seed, tp.name), st.dare_keep,
+                p.knobs.elect, p.knobs.elect_weighted, cons, start))
             if tp.chunked or self.global_sel is not None:
                 self.drop_cache()
                 self.progress.add(self.chunk_bytes_in(tp, start, stop))
@@ -841,8 +840,9 @@ class _Engine:
             thr, cut = self.trim(st, ci, base, xs, cons)
             out = self.pool.get("out", out_dtype if direct else torch.float32, stop - start)
             torch.ops.mtmerge.merge_fused(base, xs, p.weights, st.scales, thr, cut,
-                                          dare_seed(self.cfg.seed, tp.name, start), st.dare_keep, cons, elect,
-                                          elect_weighted, st.zero_fill, merge, divisor, p.lam, False, out, 0)
+                                          dare_seed(self.cfg.seed, tp.name), st.dare_keep, cons, elect,
+                                          elect_weighted, st.zero_fill, merge, divisor, p.lam, False, out, 0, True,
+                                          start)
             if not direct:
                 out = out.to(out_dtype)
             if out.device.type != "cpu":

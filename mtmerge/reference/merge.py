@@ -315,22 +315,29 @@ def dare_hash(index: Tensor, task_key: int) -> Tensor:
     return h >> 8
 
 
-def dare_keep_mask(n: int, seed: int, task: int, keep: int, device=None) -> Tensor:
-    """bool ``[n]``: DARE's keep decisions for task ``task`` (``keep`` from dare_keep_threshold)."""
-    index = torch.arange(n, dtype=torch.int64, device=device)
+def dare_keep_mask(n: int, seed: int, task: int, keep: int, device=None, start: int = 0) -> Tensor:
+    """bool ``[n]``: DARE's keep decisions for task ``task`` at flat indices ``start ..
+    start + n - 1`` (``keep`` from dare_keep_threshold)."""
+    index = torch.arange(start, start + n, dtype=torch.int64, device=device)
     return dare_hash(index, dare_task_key(seed, task)) < keep
 
 
 def dare_abs_sums(
-    base: Tensor | None, finetuned: Sequence[Tensor], seed: int, dare_keep: Sequence[int], task_offset: int = 0
+    base: Tensor | None,
+    finetuned: Sequence[Tensor],
+    seed: int,
+    dare_keep: Sequence[int],
+    task_offset: int = 0,
+    index_offset: int = 0,
 ) -> Tensor:
     """float64 ``[T, 2]``: ``sum |tau_t|`` and ``sum |tau_t|`` over DARE's kept entries
     (the L1 rescale factor is their ratio, mergekit's rule). Task ``t`` draws DARE's stream of
-    task number ``task_offset + t``."""
+    task number ``task_offset + t``; entry ``i`` is DARE's flat index ``index_offset + i`` (so
+    a tensor processed in chunks draws the same mask as in one piece)."""
     rows = []
     for t, d in enumerate(task_deltas(base, finetuned)):
         a = d.double().abs()
-        kept = dare_keep_mask(d.numel(), seed, task_offset + t, dare_keep[t], d.device)
+        kept = dare_keep_mask(d.numel(), seed, task_offset + t, dare_keep[t], d.device, index_offset)
         rows.append(torch.stack([a.sum(), torch.where(kept, a, torch.zeros_like(a)).sum()]))
     if not rows:
         return torch.zeros((0, 2), dtype=torch.float64)
@@ -350,7 +357,7 @@ def _sign(x: Tensor) -> Tensor:
 
 
 def _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
-                          task_offset=0):
+                          task_offset=0, index_offset=0):
     """tau_hat_t = tau_t * scale_t where kept by the trim, DARE and consensus; else 0."""
     deltas = task_deltas(base, finetuned)
     n = deltas[0].numel()
@@ -362,7 +369,7 @@ def _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed
         t_key = _threshold_key(thresholds[t])
         keep = (key > t_key) | ((key == t_key) & (index <= int(tie_cutoffs[t])))
         if dare_keep[t] < DARE_KEEP_ONE:
-            keep &= dare_keep_mask(n, seed, task_offset + t, dare_keep[t], d.device)
+            keep &= dare_keep_mask(n, seed, task_offset + t, dare_keep[t], d.device, index_offset)
         if cons is not None:
             keep &= cons
         out.append(torch.where(keep, d * scales[t], torch.zeros_like(d)))
@@ -394,10 +401,12 @@ def elect_sign_total(
     elect: str = "sum",
     elect_weighted: bool = False,
     consensus: Tensor | None = None,
+    index_offset: int = 0,
 ) -> Tensor:
     """int64 0-d: ``sum_i sign(S_i)`` over the elected sums ``S``; its sign is the
     ``zero_sign="majority"`` fill (the TIES paper's ``resolve_zero_signs``)."""
-    values = _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus)
+    values = _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
+                                   0, index_offset)
     _, total = _election(values, weights, elect, elect_weighted)
     return _sign(total).to(torch.int64).sum()
 
@@ -422,6 +431,7 @@ def merge_fused(
     out: Tensor,
     task_offset: int = 0,
     with_base: bool = True,
+    index_offset: int = 0,
 ) -> None:
     """Writes ``base + lam * merged`` into ``out`` (``lam * merged`` without base or with
     ``with_base=False``).
@@ -439,7 +449,8 @@ def merge_fused(
       ``w_t tau_hat_t`` of largest magnitude (lowest t on ties; 0 if none or ``gamma = 0``).
 
     DARE draws task ``t``'s keep decisions from the stream of task number ``task_offset + t``
-    (so one task can be processed alone with the same mask). Raises ValueError if an input
+    (so one task can be processed alone with the same mask), and entry ``i`` is DARE's flat
+    index ``index_offset + i`` (so can a chunk of a tensor). Raises ValueError if an input
     holds NaN/Inf and ``allow_nonfinite`` is False.
     """
     if not allow_nonfinite:
@@ -447,7 +458,7 @@ def merge_fused(
             if x is not None and not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{name} contains NaN or Inf; pass allow_nonfinite=True to merge it anyway")
     values = _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
-                                   task_offset)
+                                   task_offset, index_offset)
     n = values[0].numel()
     if elect == "none":
         merged = torch.zeros(n, dtype=torch.float32, device=values[0].device)

@@ -1134,3 +1134,36 @@ def test_shared_window_selection_on_large_inputs(dtype, selection):
     if selection == "exact" and dtype == torch.bfloat16:
         # partial ties really occur here, so the traced cut-off path ran
         assert int((want[1] != INT64_MAX).sum()) >= 1
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_dare_index_offset_makes_chunks_match_the_whole(with_base):
+    """merge_fused / dare_abs_sums / elect_sign_total on chunks with index_offset = chunk start
+    give exactly the whole tensor's DARE masks (the pipeline merges huge tensors in chunks)."""
+    n, count = 10007, 3
+    base, fts = make_models(n, count, seed=77)
+    b = base if with_base else None
+    keep = [ref.dare_keep_threshold(d) for d in (0.2, 0.5, 0.8)]
+    thr = torch.zeros(count)
+    cut = torch.full((count,), INT64_MAX, dtype=torch.int64)
+    args = ([1.0, 0.5, 2.0], [1.0, 2.0, 5.0], thr, cut, 11, keep, None, "sum", False, 1, "mean", "count", 0.7, False)
+    whole = torch.empty(n)
+    torch.ops.mtmerge.merge_fused(b, fts, *args, whole)
+    pieces = []
+    for start, stop in [(0, 4096), (4096, 5000), (5000, n)]:
+        part = torch.empty(stop - start)
+        torch.ops.mtmerge.merge_fused(None if b is None else b[start:stop], [f[start:stop] for f in fts], *args,
+                                      part, 0, True, start)
+        want = torch.empty(stop - start)
+        ref.merge_fused(None if b is None else b[start:stop], [f[start:stop] for f in fts], *args, want, 0, True,
+                        start)
+        assert torch.equal(part, want)
+        pieces.append(part)
+    assert torch.equal(torch.cat(pieces), whole)
+    sums = sum(torch.ops.mtmerge.dare_abs_sums(None if b is None else b[s:e], [f[s:e] for f in fts], 11, keep, 0, s)
+               for s, e in [(0, 5000), (5000, n)])
+    torch.testing.assert_close(sums, ref.dare_abs_sums(b, fts, 11, keep), rtol=1e-12, atol=0)
+    total = sum(int(torch.ops.mtmerge.elect_sign_total(None if b is None else b[s:e], [f[s:e] for f in fts],
+                                                       [1.0] * 3, [1.0] * 3, thr, cut, 11, keep, "sum", False, None, s))
+                for s, e in [(0, 3000), (3000, n)])
+    assert total == int(ref.elect_sign_total(b, fts, [1.0] * 3, [1.0] * 3, thr, cut, 11, keep))

@@ -490,3 +490,21 @@ def test_dare_masks_identical_between_cpp_and_triton():
             triton_merge.merge_fused(*args, got_triton, offset)
             assert torch.equal(got_cpp, got_triton)
             assert torch.equal(got_cpp.bool(), ref.dare_keep_mask(n, seed, offset + t, keep[t]))
+
+
+def test_dare_index_offset_matches_cpp():
+    """A chunk merged with index_offset = its start draws the whole tensor's DARE stream, in
+    Triton as in C++ (the pipeline merges huge tensors in chunks)."""
+    n, count, start = 777, 2, 5000
+    base = torch.randn(n)
+    fts = [base + torch.randn(n) for _ in range(count)]
+    keep = [ref.dare_keep_threshold(0.4)] * count
+    thr = torch.zeros(count)
+    cut = torch.full((count,), ref.INT64_MAX, dtype=torch.int64)
+    args = (base, fts, [1.0, 0.5], [2.5, 2.5], thr, cut, 3, keep, None, "sum", True, 1, "sum", "count", 1.0, False)
+    got_cpp, got_triton = torch.empty(n), torch.empty(n)
+    torch.ops.mtmerge.merge_fused(*args, got_cpp, 0, True, start)
+    triton_merge.merge_fused(*args, got_triton, 0, True, start)
+    assert torch.equal(got_cpp, got_triton)
+    sums_cpp = torch.ops.mtmerge.dare_abs_sums(base, fts, 3, keep, 0, start)
+    torch.testing.assert_close(triton_merge.dare_abs_sums(base, fts, 3, keep, 0, start), sums_cpp, rtol=1e-12, atol=0)
