@@ -1059,6 +1059,66 @@ def merge_fused(
                   index_offset=index_offset)
 
 
+# ---- magnitude_histogram ---------------------------------------------------------------------
+
+
+@_autotune(_ELEMENT_CONFIGS, key=["T", "PREFIX_SHIFT"], reset_to_zero=["hist_ptr"])
+@triton.jit
+def _magnitude_histogram_kernel(
+    base_ptr, ft_ptrs, cons_ptr, prefix_ptr, hist_ptr, n, shift,
+    T: tl.constexpr, NBINS: tl.constexpr, PREFIX_SHIFT: tl.constexpr, HAS_BASE: tl.constexpr,
+    HAS_CONS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """hist[t, (key >> shift) & (NBINS - 1)] += 1 for keys with key >> PREFIX_SHIFT == prefix[t]
+    (integer atomics: exact and order-free)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n
+    b = 0.0
+    if HAS_BASE:
+        b = _load_f32(base_ptr, offs, in_range)
+    for t in tl.static_range(T):
+        key = _magnitude_key(_task_delta(ft_ptrs[t], b, offs, in_range, HAS_BASE))
+        if HAS_CONS:
+            key = tl.where(_consensus_bit(cons_ptr, offs, in_range), key, 0)
+        match = in_range
+        if PREFIX_SHIFT < 31:
+            match = match & ((key >> PREFIX_SHIFT) == tl.load(prefix_ptr + t).to(tl.int32))
+        digit = (key >> shift) & (NBINS - 1)
+        tl.atomic_add(hist_ptr + t * NBINS + digit, tl.full([BLOCK], 1, tl.int64), mask=match)
+
+
+def magnitude_histogram(
+    base: Tensor | None,
+    finetuned: Sequence[Tensor],
+    shift: int,
+    bits: int,
+    prefixes: Sequence[int],
+    prefix_shift: int = 31,
+    consensus: Tensor | None = None,
+) -> Tensor:
+    """Triton launcher of ``mtmerge::magnitude_histogram`` (see the reference for the math).
+
+    Returns
+    -------
+    Tensor
+        int64 ``[T, 2**bits]`` digit histograms of the task vectors' magnitude keys.
+    """
+    if not 1 <= bits <= 16 or shift < 0 or shift + bits > 31:
+        raise ValueError(f"bits must be in [1, 16] and shift + bits <= 31, got shift={shift}, bits={bits}")
+    if not 0 <= prefix_shift <= 31:
+        raise ValueError(f"prefix_shift must be in [0, 31], got {prefix_shift}")
+    b, fts, n, device = _task_inputs(base, finetuned)
+    cons = _consensus_arg(consensus, n, device)
+    T = len(fts)
+    prefix = torch.tensor(_per_task(prefixes, T, "prefixes", int), dtype=torch.int64).to(device)
+    hist = torch.zeros((T, 1 << bits), dtype=torch.int64, device=device)
+    if n:
+        _magnitude_histogram_kernel[_grid_over(n)](
+            fts[0] if b is None else b, fts, fts[0] if cons is None else cons, prefix, hist, n, int(shift),
+            T=T, NBINS=1 << bits, PREFIX_SHIFT=int(prefix_shift), **_flags(b, cons))
+    return hist
+
+
 # ---- launchers: TALL masks and Consensus ----------------------------------------------------
 
 

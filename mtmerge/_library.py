@@ -85,6 +85,12 @@ _OPS: dict[str, tuple[str, Callable[..., Any], str]] = {
         ref_merge.tall_masks,
         "mtmerge.kernels.merge:tall_masks",
     ),
+    "magnitude_histogram": (
+        "magnitude_histogram(Tensor? base, Tensor[] finetuned, int shift, int bits, int[] prefixes, "
+        "int prefix_shift=31, Tensor? consensus=None) -> Tensor",
+        ref_merge.magnitude_histogram,
+        "mtmerge.kernels.merge:magnitude_histogram",
+    ),
     "consensus_mask": (
         "consensus_mask(Tensor masks, int k=2) -> Tensor",
         ref_merge.consensus_mask,
@@ -148,6 +154,11 @@ def _merge_fused_fake(base, finetuned, weights, scales, thresholds, tie_cutoffs,
 @torch.library.register_fake(f"{NAMESPACE}::tall_masks")
 def _tall_masks_fake(base, finetuned, merged, lams):
     return merged.new_empty((len(finetuned), (merged.numel() + 7) // 8), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::magnitude_histogram")
+def _magnitude_histogram_fake(base, finetuned, shift, bits, prefixes, prefix_shift=31, consensus=None):
+    return finetuned[0].new_empty((len(finetuned), 1 << bits), dtype=torch.int64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::consensus_mask")

@@ -16,6 +16,7 @@
 #include "merge/select.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/Optional.h>
@@ -948,6 +949,76 @@ at::Tensor dare_abs_sums_cpu(const c10::optional<at::Tensor>& base, at::TensorLi
 }
 
 // ---------------------------------------------------------------------------------------
+// Op: magnitude_histogram -- digit histograms of the task vectors' magnitude keys, the
+// building block of exact top-k over a stream of chunks (the pipeline's global scope).
+// ---------------------------------------------------------------------------------------
+
+MTMERGE_CLONES void key_histogram(const uint32_t* __restrict keys, int64_t len, int shift, uint32_t digit_mask,
+                                  int prefix_shift, uint32_t prefix, uint32_t* __restrict hist, uint32_t spare) {
+  // prefix_shift 31 keeps every key (keys are below 2^31); others land in the spare bin
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t k = keys[i];
+    const bool match = prefix_shift >= 31 || (k >> prefix_shift) == prefix;
+    ++hist[match ? (k >> shift) & digit_mask : spare];
+  }
+}
+
+at::Tensor magnitude_histogram_cpu(const c10::optional<at::Tensor>& base, at::TensorList finetuned, int64_t shift,
+                                   int64_t bits, at::IntArrayRef prefixes, int64_t prefix_shift,
+                                   const c10::optional<at::Tensor>& consensus) {
+  const TaskInputs in = task_inputs(base, finetuned, consensus);
+  const int64_t tasks = in.tasks();
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 16, "bits must be in [1, 16], got ", bits);
+  TORCH_CHECK_VALUE(shift >= 0 && shift + bits <= 31, "shift + bits must be <= 31, got ", shift, " + ", bits);
+  TORCH_CHECK_VALUE(prefix_shift >= 0 && prefix_shift <= 31, "prefix_shift must be in [0, 31], got ", prefix_shift);
+  const std::vector<int64_t> prefix = per_task(prefixes, tasks, "prefixes");
+  const int64_t nbins = int64_t(1) << bits;
+  at::Tensor result = at::zeros({tasks, nbins}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = result.mutable_data_ptr<int64_t>();
+  std::mutex merge_lock;
+  constexpr int64_t kFlush = int64_t(1) << 30;  // uint32 bins cannot overflow below this
+  at::parallel_for(0, in.n, std::max<int64_t>(kGrain, nbins * 4), [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> local(size_t(tasks * (nbins + 1)), 0u);  // + one spare bin per task
+    std::vector<int64_t> wide(size_t(tasks * nbins), 0);
+    alignas(64) float f[kSub], b[kSub];
+    alignas(64) uint32_t keys[kSub], keep[kSub];
+    if (!in.base.has_value()) std::fill(b, b + kSub, 0.0f);
+    auto flush = [&]() {
+      for (int64_t t = 0; t < tasks; ++t) {
+        for (int64_t j = 0; j < nbins; ++j) wide[t * nbins + j] += local[t * (nbins + 1) + j];
+      }
+      std::fill(local.begin(), local.end(), 0u);
+    };
+    int64_t since_flush = 0;
+    for (int64_t off = begin; off < end; off += kSub) {
+      const int64_t len = std::min(kSub, end - off);
+      const float* bp = in.base.has_value() ? floats_of(*in.base, off, len, b) : b;
+      if (in.consensus) {
+        std::fill(keep, keep + len, 1u);
+        consensus_filter(in.consensus, off, len, keep);
+      }
+      for (int64_t t = 0; t < tasks; ++t) {
+        delta_keys(floats_of(in.finetuned[t], off, len, f), bp, len, keys);
+        if (in.consensus) {
+          for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
+        }
+        key_histogram(keys, len, int(shift), uint32_t(nbins - 1), int(prefix_shift), uint32_t(prefix[t]),
+                      local.data() + t * (nbins + 1), uint32_t(nbins));
+      }
+      since_flush += len;
+      if (since_flush >= kFlush) {
+        flush();
+        since_flush = 0;
+      }
+    }
+    flush();
+    std::lock_guard<std::mutex> guard(merge_lock);  // integer sums: order-free, same bits for any threads
+    for (int64_t j = 0; j < tasks * nbins; ++j) out[j] += wide[j];
+  });
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------
 // TALL masks and Consensus
 // ---------------------------------------------------------------------------------------
 
@@ -1025,6 +1096,7 @@ TORCH_LIBRARY_IMPL(mtmerge, CPU, m) {
   m.impl("merge_fused", &merge_fused_cpu);
   m.impl("tall_masks", &tall_masks_cpu);
   m.impl("consensus_mask", &consensus_mask_cpu);
+  m.impl("magnitude_histogram", &magnitude_histogram_cpu);
 }
 
 }  // namespace mtmerge

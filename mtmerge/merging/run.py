@@ -78,7 +78,7 @@ import torch
 import mtmerge._library  # noqa: F401  (registers the ops)
 from mtmerge.merging.checkpoint import ST_DTYPES, Checkpoint
 from mtmerge.merging.config import MergeConfig, load_config
-from mtmerge.merging.plan import COMPUTE_DTYPES, CONSENSUS_BLOCK, SUBBLOCK, MergePlan, TensorPlan, build_plan
+from mtmerge.merging.plan import COMPUTE_DTYPES, CONSENSUS_BLOCK, MergePlan, TensorPlan, build_plan
 from mtmerge.merging.writer import OutputDir, ShardWriter, format_bytes, parse_size, write_text_synced
 from mtmerge.ops.merge import _DARE_KEEP_ONE, _INT64_MAX, FLAVORS, TiesKnobs, _k_for, resolve_knobs
 from mtmerge.reference.merge import dare_keep_threshold
@@ -323,37 +323,6 @@ def _key_to_float(key: int) -> float:
     return float(np.array([key], dtype=np.uint32).view(np.float32)[0])
 
 
-def _as_f32(x: torch.Tensor) -> np.ndarray:
-    """A 1-D CPU float32/bfloat16/float16 tensor as float32 numpy (a view for float32)."""
-    if x.device.type != "cpu":
-        x = x.cpu()
-    if x.dtype == torch.float32:
-        return x.numpy()
-    if x.dtype == torch.bfloat16:  # exact: bf16 is the top half of a float32
-        return np.left_shift(x.view(torch.int16).numpy().view(np.uint16), 16, dtype=np.uint32).view(np.float32)
-    return x.numpy().astype(np.float32)
-
-
-def _iter_deltas(base: torch.Tensor, xs: list[torch.Tensor], cons: torch.Tensor | None, tasks: list[int]):
-    """Yield ``(t, halves)`` per sub-block in flat order: ``halves`` is the float32
-    ``x_t - base`` (0 outside the consensus mask) viewed as uint16 ``[2 * m]``; its odd
-    entries ``& 0x7fff`` are the top 15 bits of the magnitude key ``bits(|delta|)``, its even
-    entries the low 16 bits. The subtraction is the ops' (IEEE float32), so keys match theirs."""
-    n = base.numel()
-    cons_np = None if cons is None else cons.cpu().numpy()
-    for s in range(0, n, SUBBLOCK):
-        e = min(n, s + SUBBLOCK)
-        b = _as_f32(base[s:e])
-        keep = None
-        if cons_np is not None:
-            keep = np.unpackbits(cons_np[s // 8:(e + 7) // 8], count=e - s, bitorder="little").view(bool)
-        for t in tasks:
-            d = np.subtract(_as_f32(xs[t][s:e]), b, dtype=np.float32)
-            if keep is not None:
-                d[~keep] = 0.0
-            yield t, d.view(np.uint16)
-
-
 class _Selection:
     """Exact per-task top-``k`` over a sequence of chunks, by two histogram passes.
 
@@ -386,10 +355,20 @@ class _Selection:
         self.ties_total = [0] * count
         self.inbin: dict[int, list[int]] = {}  # chunk -> entries in the task's bin (pass 2)
 
+    def _histogram(self, base, xs, cons, tasks: list[int], shift: int, bits: int, prefixes: list[int],
+                   prefix_shift: int) -> np.ndarray:
+        """``mtmerge::magnitude_histogram`` (C++ on CPU, Triton on GPU) for ``tasks``, as rows of
+        a ``[len(ks), 2**bits]`` array (zeros for the other tasks)."""
+        out = np.zeros((len(self.ks), 1 << bits), dtype=np.int64)
+        if tasks:
+            rows = torch.ops.mtmerge.magnitude_histogram(base, [xs[t] for t in tasks], shift, bits, prefixes,
+                                                         prefix_shift, cons).cpu().numpy()
+            out[tasks] = rows
+        return out
+
     def add_hi(self, base, xs, cons, where: str) -> None:
-        chunk = np.zeros((len(self.ks), _HI_BINS), dtype=np.int64)
-        for t, halves in _iter_deltas(base, xs, cons, self.active):
-            chunk[t] += np.bincount(halves[1::2] & 0x7FFF, minlength=_HI_BINS)
+        # the top 15 bits of the 31-bit magnitude keys
+        chunk = self._histogram(base, xs, cons, self.active, _LO_BITS, 15, [0] * len(self.active), 31)
         bad = chunk[:, _F32_INF_KEY >> _LO_BITS:].sum(axis=1)
         for t in self.active:
             if int(bad[t]):
@@ -406,24 +385,15 @@ class _Selection:
             self.rank_in_bin[t] = self.target[t] - self.above_hi[t]
 
     def add_lo(self, gid: int, base, xs, cons) -> None:
-        counts = [0] * len(self.ks)
-        lo = np.zeros((len(self.ks), _LO_BINS), dtype=np.int64)
-        for t, halves in _iter_deltas(base, xs, cons, self.active):
-            sel = halves[0::2][(halves[1::2] & 0x7FFF) == self.bin[t]]
-            if sel.size:
-                lo[t] += np.bincount(sel, minlength=_LO_BINS)
-                counts[t] += int(sel.size)
+        # the low 16 bits of the keys inside each task's chosen top bin
+        lo = self._histogram(base, xs, cons, self.active, 0, _LO_BITS, [self.bin[t] for t in self.active], _LO_BITS)
         self.lo += torch.from_numpy(lo)
-        self.inbin[gid] = counts
+        self.inbin[gid] = [int(c) for c in lo.sum(axis=1)]
 
     def count_ties(self, base, xs, cons, tasks: list[int]) -> dict[int, int]:
         """Entries equal to each task's threshold key in this chunk."""
-        counts = dict.fromkeys(tasks, 0)
-        for t, halves in _iter_deltas(base, xs, cons, tasks):
-            key = self.t_key[t]
-            hit = (halves[1::2] & 0x7FFF) == key >> _LO_BITS
-            counts[t] += int(np.count_nonzero(halves[0::2][hit] == (key & (_LO_BINS - 1))))
-        return counts
+        lo = self._histogram(base, xs, cons, tasks, 0, _LO_BITS, [self.t_key[t] >> _LO_BITS for t in tasks], _LO_BITS)
+        return {t: int(lo[t, self.t_key[t] & (_LO_BINS - 1)]) for t in tasks}
 
     def finish(self) -> None:
         for t in self.active:

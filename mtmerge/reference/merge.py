@@ -167,7 +167,9 @@ def _consensus_bits(consensus: Tensor | None, n: int) -> Tensor | None:
     return None if consensus is None else unpack_bits(consensus.reshape(-1), n)
 
 
-def _task_keys(base, finetuned, consensus, allow_nonfinite: bool) -> tuple[list[Tensor], list[Tensor]]:
+def _task_keys(
+    base, finetuned, consensus, allow_nonfinite: bool, check: bool = True
+) -> tuple[list[Tensor], list[Tensor]]:
     """Task vectors and their magnitude keys (entries outside ``consensus`` have key 0).
 
     Raises ValueError for NaN in a task vector, and for Inf unless ``allow_nonfinite``.
@@ -180,7 +182,8 @@ def _task_keys(base, finetuned, consensus, allow_nonfinite: bool) -> tuple[list[
         key = magnitude_keys(d)
         if cons is not None:
             key = torch.where(cons, key, torch.zeros_like(key))
-        _check_finite_keys(key, t, allow_nonfinite)
+        if check:
+            _check_finite_keys(key, t, allow_nonfinite)
         keys.append(key)
     return deltas, keys
 
@@ -266,6 +269,39 @@ def tie_cutoffs(
     _, keys = _task_keys(base, finetuned, consensus, allow_nonfinite=True)
     out = [_cutoff_for(key, _threshold_key(thresholds[t]), int(ties_kept[t])) for t, key in enumerate(keys)]
     return torch.tensor(out, dtype=torch.int64, device=finetuned[0].device)
+
+
+def magnitude_histogram(
+    base: Tensor | None,
+    finetuned: Sequence[Tensor],
+    shift: int,
+    bits: int,
+    prefixes: Sequence[int],
+    prefix_shift: int = 31,
+    consensus: Tensor | None = None,
+) -> Tensor:
+    """int64 ``[T, 2**bits]``: per task, a histogram of the digit ``(key >> shift) & (2**bits - 1)``
+    of the magnitude keys (0 outside ``consensus``) whose ``key >> prefix_shift`` equals
+    ``prefixes[t]`` (``prefix_shift = 31`` counts every key: keys are below 2**31).
+
+    Two calls find an exact top-k threshold over any stream of chunks (sum the histograms):
+    the top 15 bits (``shift=16, bits=15``), then the low 16 bits of the keys in the chosen
+    bin (``shift=0, bits=16, prefix_shift=16, prefixes=bin``). NaN/Inf land in the bins at
+    and above ``0x7F80 >> ...`` and are the caller's to reject."""
+    if not 1 <= bits <= 16 or shift < 0 or shift + bits > 31:
+        raise ValueError(f"bits must be in [1, 16] and shift + bits <= 31, got shift={shift}, bits={bits}")
+    if not 0 <= prefix_shift <= 31:
+        raise ValueError(f"prefix_shift must be in [0, 31], got {prefix_shift}")
+    _, keys = _task_keys(base, finetuned, consensus, allow_nonfinite=True, check=False)
+    rows = []
+    for t, key in enumerate(keys):
+        digit = (key >> shift) & ((1 << bits) - 1)
+        if prefix_shift < 31:
+            digit = digit[(key >> prefix_shift) == prefixes[t]]
+        rows.append(torch.bincount(digit, minlength=1 << bits))
+    if not rows:
+        return torch.zeros((0, 1 << bits), dtype=torch.int64)
+    return torch.stack(rows)
 
 
 # ---- DARE: a counter-based RNG keyed by (seed, task, flat index) ----------------------------

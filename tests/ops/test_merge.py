@@ -937,11 +937,13 @@ def _op_args():
                          "count", 1.0, False, torch.empty(37, dtype=torch.bfloat16), 0)],
         "tall_masks": [(base, fts, sum(tvs), [0.4, 0.3, 0.2]), (None, tvs, sum(tvs), [0.4] * 3)],
         "consensus_mask": [(masks, 2), (masks, 1)],
+        "magnitude_histogram": [(base, fts, 16, 15, [0, 0, 0], 31, None),
+                                (None, tvs, 0, 16, [0x3E80, 0x3F00, 0x3E00], 16, cons)],
     }
 
 
 @pytest.mark.parametrize("name", ["delta_threshold", "tie_cutoffs", "dare_abs_sums", "elect_sign_total",
-                                  "merge_fused", "tall_masks", "consensus_mask"])
+                                  "merge_fused", "tall_masks", "consensus_mask", "magnitude_histogram"])
 def test_opcheck(name):
     op = getattr(torch.ops.mtmerge, name).default
     for args in _op_args()[name]:
@@ -1167,3 +1169,32 @@ def test_dare_index_offset_makes_chunks_match_the_whole(with_base):
                                                        [1.0] * 3, [1.0] * 3, thr, cut, 11, keep, "sum", False, None, s))
                 for s, e in [(0, 3000), (3000, n)])
     assert total == int(ref.elect_sign_total(b, fts, [1.0] * 3, [1.0] * 3, thr, cut, 11, keep))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magnitude_histogram_finds_the_exact_threshold(dtype):
+    """Two magnitude_histogram calls (top 15 bits, then the low 16 bits inside the chosen bin)
+    find delta_threshold's exact threshold, over chunks summed; same bits for 1 and 2 threads."""
+    n, k = 2**18 + 5, 40000
+    base, fts = make_models(n, 2, dtype, seed=910)
+    want_thr, _ = ref.delta_threshold(base, fts, [k, k], "exact")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        chunks = [(0, 100003), (100003, n)]
+        hi = sum(torch.ops.mtmerge.magnitude_histogram(base[a:b], [f[a:b] for f in fts], 16, 15, [0, 0], 31, None)
+                 for a, b in chunks)
+        assert torch.equal(hi, ref.magnitude_histogram(base, fts, 16, 15, [0, 0]))
+        bins, ranks = [], []
+        for t in range(2):
+            above = torch.flip(hi[t], [0]).cumsum(0)
+            j = int(torch.searchsorted(above, torch.tensor([k])))
+            bins.append(2**15 - 1 - j)
+            ranks.append(k - (int(above[j - 1]) if j else 0))
+        lo = sum(torch.ops.mtmerge.magnitude_histogram(base[a:b], [f[a:b] for f in fts], 0, 16, bins, 16, None)
+                 for a, b in chunks)
+        assert torch.equal(lo, ref.magnitude_histogram(base, fts, 0, 16, bins, 16))
+        for t in range(2):
+            above = torch.flip(lo[t], [0]).cumsum(0)
+            j = int(torch.searchsorted(above, torch.tensor([ranks[t]])))
+            key = (bins[t] << 16) | (2**16 - 1 - j)
+            assert key == int(want_thr[t:t + 1].view(torch.int32))

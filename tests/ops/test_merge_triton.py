@@ -508,3 +508,15 @@ def test_dare_index_offset_matches_cpp():
     assert torch.equal(got_cpp, got_triton)
     sums_cpp = torch.ops.mtmerge.dare_abs_sums(base, fts, 3, keep, 0, start)
     torch.testing.assert_close(triton_merge.dare_abs_sums(base, fts, 3, keep, 0, start), sums_cpp, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magnitude_histogram(dtype):
+    n = 1003
+    base = torch.randn(n).to(dtype)
+    fts = [(base.float() + torch.randn(n) * 0.1).to(dtype) for _ in range(3)]
+    cons = ref.pack_bits(torch.arange(n) % 5 != 0)
+    for args in [(16, 15, [0, 0, 0], 31), (0, 16, [0x3C00, 0x3D00, 0x3E00], 16), (5, 11, [1, 2, 3], 31)]:
+        for b, c in [(base, None), (None, cons), (base, cons)]:
+            want = ref.magnitude_histogram(b, fts, *args, c)
+            assert torch.equal(triton_merge.magnitude_histogram(b, fts, *args, c), want)
