@@ -1064,7 +1064,7 @@ def merge_fused(
 
 @_autotune(_ELEMENT_CONFIGS, key=["T", "PREFIX_SHIFT"], reset_to_zero=["hist_ptr"])
 @triton.jit
-def _magnitude_histogram_kernel(
+def _delta_key_histogram_kernel(
     base_ptr, ft_ptrs, cons_ptr, prefix_ptr, hist_ptr, n, shift,
     T: tl.constexpr, NBINS: tl.constexpr, PREFIX_SHIFT: tl.constexpr, HAS_BASE: tl.constexpr,
     HAS_CONS: tl.constexpr, BLOCK: tl.constexpr,
@@ -1113,7 +1113,7 @@ def magnitude_histogram(
     prefix = torch.tensor(_per_task(prefixes, T, "prefixes", int), dtype=torch.int64).to(device)
     hist = torch.zeros((T, 1 << bits), dtype=torch.int64, device=device)
     if n:
-        _magnitude_histogram_kernel[_grid_over(n)](
+        _delta_key_histogram_kernel[_grid_over(n)](
             fts[0] if b is None else b, fts, fts[0] if cons is None else cons, prefix, hist, n, int(shift),
             T=T, NBINS=1 << bits, PREFIX_SHIFT=int(prefix_shift), **_flags(b, cons))
     return hist

@@ -629,17 +629,20 @@ class _Engine:
     def _selection_passes(self, tensors: list[TensorPlan], sel: _Selection, which: str, label: str) -> None:
         self.progress.start_pass(label)
         for tp in tensors:
-            p = self.params(tp)
-            for ci, (start, stop) in enumerate(tp.chunks):
-                base, xs = self.load(tp, start, stop)
-                cons = self.consensus(p, base, xs)
-                if which == "hi":
-                    sel.add_hi(base, xs, cons, f"tensor {tp.name!r}")
-                else:
-                    sel.add_lo(tp.first_chunk + ci, base, xs, cons)
-                self.drop_cache()
-                self.progress.add(self.chunk_bytes_in(tp, start, stop))
+            self._feed_selection(sel, tp, self.params(tp), which)
             self.progress.tensor_done()
+
+    def _feed_selection(self, sel: _Selection, tp: TensorPlan, p, which: str) -> None:
+        """One histogram pass of ``sel`` ("hi" or "lo") over the chunks of tensor ``tp``."""
+        for ci, (start, stop) in enumerate(tp.chunks):
+            base, xs = self.load(tp, start, stop)
+            cons = self.consensus(p, base, xs)
+            if which == "hi":
+                sel.add_hi(base, xs, cons, f"tensor {tp.name!r}")
+            else:
+                sel.add_lo(tp.first_chunk + ci, base, xs, cons)
+            self.drop_cache()
+            self.progress.add(self.chunk_bytes_in(tp, start, stop))
 
     # -- scope global --------------------------------------------------------------------------
 
@@ -735,15 +738,7 @@ class _Engine:
     def _local_selection(self, st: _TensorState) -> None:
         tp, sel = st.tp, st.sel
         for which in ("hi", "lo"):
-            for ci, (start, stop) in enumerate(tp.chunks):
-                base, xs = self.load(tp, start, stop)
-                cons = self.consensus(st.p, base, xs)
-                if which == "hi":
-                    sel.add_hi(base, xs, cons, f"tensor {tp.name!r}")
-                else:
-                    sel.add_lo(tp.first_chunk + ci, base, xs, cons)
-                self.drop_cache()
-                self.progress.add(self.chunk_bytes_in(tp, start, stop))
+            self._feed_selection(sel, tp, st.p, which)
             if which == "hi":
                 sel.pick_bins()
         sel.finish()

@@ -446,7 +446,7 @@ _COMPILE_CHECK = textwrap.dedent("""
         fn = fn.fn
     sig = dict(base_ptr="*fp32", ft_ptrs=("*bf16", "*fp32", "*fp16"), cons_ptr="*u8", fparams_ptr="*fp32",
                iparams_ptr="*i64", out_ptr="*bf16", bad_ptr="*i32", partial_ptr="*i64", n="i64", lam="fp32",
-               zero_fill="fp32")
+               zero_fill="fp32", index_offset="i64")
     consts = dict(T=3, HAS_BASE=True, ADD_BASE=True, HAS_CONS=True, DARE=True, ELECT=1, WEIGHTED=True, MERGE=0,
                   DIV_WEIGHT=True, CHECK=True, SIGN_TOTAL=False, BLOCK=1024)
     signature = {a: "constexpr" if a in consts else sig[a] for a in fn.arg_names}
