@@ -165,7 +165,7 @@ MERGE_RULES = ("mean", "sum", "max")
 DIVISORS = ("count", "weight")
 SCOPES = ("tensor", "global")
 SPARSIFIERS = ("magnitude", "dare", "none")
-RESCALES = ("inverse", "l1")
+RESCALES = ("inverse", "l1", "none")
 K_RULES = ("floor", "at_least_one")
 
 _INT64_MAX = 2**63 - 1
@@ -435,7 +435,7 @@ def _merge_passes(
         dare_keep = [ref_merge.dare_keep_threshold(d) for d in densities]
         if rescale == "inverse":
             scales = [1.0 / d if d > 0 else 0.0 for d in densities]
-        else:  # mergekit's RescaleNorm.l1: restore the L1 norm of each task vector
+        elif rescale == "l1":  # mergekit's RescaleNorm.l1: restore the L1 norm of each task vector
             sums = torch.ops.mtmerge.dare_abs_sums(base, xs, seed, dare_keep, task_offset).tolist()
             scales = [before / after if before >= 1e-7 and after >= 1e-7 else 1.0 for before, after in sums]
     seed = 0 if seed is None else seed
@@ -552,8 +552,9 @@ def ties_merge(
         The trim: top-k magnitude (TIES), DARE's random drop (DARE-TIES), or none.
     seed : int, optional
         DARE's seed (required with ``sparsify="dare"``).
-    rescale : {"inverse", "l1"}
-        DARE's rescale: ``1/density`` or back to the task vector's L1 norm (mergekit).
+    rescale : {"inverse", "l1", "none"}
+        DARE's rescale: ``1/density``, back to the task vector's L1 norm (mergekit's
+        ``rescale: true``), or none (mergekit's ``rescale: false``).
     consensus : Tensor, optional
         Packed uint8 mask (:func:`consensus_mask`): entries outside it are dropped from every
         task vector before the trim.
@@ -670,9 +671,9 @@ def dare(
     task_vectors : sequence of T Tensor, or Tensor ``[T, *S]``
     density : float or sequence of T floats, in [0, 1]
     seed : int, in [0, 2**63)
-    rescale : {"inverse", "l1"}
-        Multiply kept entries by ``1/density`` (the DARE paper), or by
-        ``sum|tau| / sum|kept tau|`` (mergekit's L1 rule).
+    rescale : {"inverse", "l1", "none"}
+        Multiply kept entries by ``1/density`` (the DARE paper), by
+        ``sum|tau| / sum|kept tau|`` (mergekit's L1 rule), or leave them (``"none"``).
 
     Returns
     -------

@@ -1198,3 +1198,15 @@ def test_magnitude_histogram_finds_the_exact_threshold(dtype):
             j = int(torch.searchsorted(above, torch.tensor([ranks[t]])))
             key = (bins[t] << 16) | (2**16 - 1 - j)
             assert key == int(want_thr[t:t + 1].view(torch.int32))
+
+
+def test_dare_rescale_none_keeps_the_kept_entries_as_they_are():
+    """rescale="none" (mergekit's ``rescale: false``): DARE only drops entries."""
+    base, fts = make_models(4001, 2, seed=920)
+    tvs = flat_task_vectors(base, fts)
+    dropped = mtmerge.dare(tvs, [0.3, 0.6], seed=4, rescale="none")
+    for t, (tv, d) in enumerate(zip(tvs, dropped, strict=True)):
+        keep = ref.dare_keep_mask(4001, 4, t, ref.dare_keep_threshold([0.3, 0.6][t]))
+        assert torch.equal(d, torch.where(keep, tv, torch.zeros_like(tv)))
+    with pytest.raises(ValueError, match="rescale"):
+        mtmerge.dare(tvs, 0.3, seed=4, rescale="l2")
