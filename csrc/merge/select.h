@@ -58,9 +58,9 @@ MTMERGE_ALWAYS_INLINE void histogram_body(const K* keys, int64_t n, uint32_t abs
                                           int64_t* nan_count) {
   constexpr int64_t kFlushEvery = int64_t(1) << 30;  // keep uint32 sub-counts from overflowing
   const int64_t nbins = int64_t(digit_mask) + 1;
-  std::vector<uint32_t> sub(2 * nbins + 1);  // h0, h1 and one spare bin for filtered-out keys
-  uint32_t* h0 = sub.data() + nbins;  // h0[nbins] is the spare bin
-  uint32_t* h1 = sub.data();
+  std::vector<uint32_t> sub(2 * (nbins + 1));  // h0, h1, each with a spare bin for filtered-out keys
+  uint32_t* h0 = sub.data();
+  uint32_t* h1 = sub.data() + nbins + 1;
   int64_t nan = 0;
   for (int64_t start = 0; start < n; start += kFlushEvery) {
     const int64_t stop = std::min(n, start + kFlushEvery);
@@ -81,12 +81,17 @@ MTMERGE_ALWAYS_INLINE void histogram_body(const K* keys, int64_t n, uint32_t abs
       }
     } else {
       // Branch-free filter: entries outside the prefix land in a spare bin past the end
-      // (matches are data-dependent and mispredict badly as branches).
-      for (int64_t i = start; i < stop; ++i) {
-        const uint32_t a = uint32_t(keys[i]) & abs_mask;
-        const uint32_t bin = (a & prefix_mask) == prefix ? (a >> shift) & digit_mask : uint32_t(nbins);
-        ++h0[bin];
+      // (matches are data-dependent and mispredict badly as branches). Two interleaved
+      // histograms here too: tie-heavy keys hit the same bin back to back.
+      auto bin_of = [&](uint32_t a) {
+        return (a & prefix_mask) == prefix ? (a >> shift) & digit_mask : uint32_t(nbins);
+      };
+      int64_t i = start;
+      for (; i + 1 < stop; i += 2) {
+        ++h0[bin_of(uint32_t(keys[i]) & abs_mask)];
+        ++h1[bin_of(uint32_t(keys[i + 1]) & abs_mask)];
       }
+      for (; i < stop; ++i) ++h0[bin_of(uint32_t(keys[i]) & abs_mask)];
     }
     for (int64_t b = 0; b < nbins; ++b) hist[b] += int64_t(h0[b]) + int64_t(h1[b]);
   }
@@ -430,16 +435,29 @@ struct Selected {
   int64_t equal;    // entries with exactly this key
 };
 
-// The rank-th largest |x| key (1 <= rank <= n) over all of source.
+// The rank-th largest |x| key (1 <= rank <= n) over all of source. When every key is known
+// to lie in [known_lo, known_hi] (a window copy), the leading digits the two bounds share are
+// shared by every key too: those levels are settled without a pass (they would histogram all
+// keys into one bin, the slowest case).
 template <typename K, typename Loops, typename Source>
-Selected select_rank_from_top(const Source& all, const KeyFormat& fmt, int64_t rank) {
+Selected select_rank_from_top(const Source& all, const KeyFormat& fmt, int64_t rank, uint32_t known_lo = 1,
+                              uint32_t known_hi = 0) {
   std::vector<K> candidates;
   KeySegments<K> gathered;
   bool use_gathered = false;
+  bool shared = known_lo <= known_hi;  // every level so far was settled by the bounds
   uint32_t prefix = 0, prefix_mask = 0;
   int64_t greater = 0, equal = 0, remaining = rank;
   for (size_t level = 0; level < fmt.digits.size(); ++level) {
     const Digit digit = fmt.digits[level];
+    const uint32_t level_mask = ((uint32_t(1) << digit.bits) - 1) << digit.shift;
+    shared = shared && (known_lo & level_mask) == (known_hi & level_mask);
+    if (shared) {
+      prefix |= known_lo & level_mask;
+      prefix_mask |= level_mask;
+      equal = all.total();  // every key has this prefix (all of the key, at the last level)
+      continue;
+    }
     int64_t nan_count = 0;
     std::vector<int64_t> hist =
         use_gathered ? parallel_histogram<K, Loops>(gathered, fmt, prefix, prefix_mask, digit, &nan_count)
@@ -506,7 +524,7 @@ bool window_bracket(const Source& segs, const KeyFormat& fmt, int64_t rank, uint
 // After a window pass: the rank-th largest key from the tallies and the in-window copy, or
 // false when the bracket missed.
 inline bool finish_window(const KeyFormat& fmt, int64_t rank, const WindowTally& total,
-                          std::vector<uint32_t>& candidates, Selected* result);
+                          std::vector<uint32_t>& candidates, uint32_t lo, uint32_t hi, Selected* result);
 
 template <typename K, typename Source>
 bool select_with_window(const Source& segs, const KeyFormat& fmt, int64_t rank, Selected* result) {
@@ -539,18 +557,19 @@ bool select_with_window(const Source& segs, const KeyFormat& fmt, int64_t rank, 
     if (!full) candidates.insert(candidates.end(), local.get(), local.get() + tally.kept);
   });
   if (overflow) return false;
-  return finish_window(fmt, rank, total, candidates, result);
+  return finish_window(fmt, rank, total, candidates, lo, hi, result);
 }
 
 inline bool finish_window(const KeyFormat& fmt, int64_t rank, const WindowTally& total,
-                          std::vector<uint32_t>& candidates, Selected* result) {
+                          std::vector<uint32_t>& candidates, uint32_t lo, uint32_t hi, Selected* result) {
   reject_nan(total.nan);
-  const int64_t in_window = int64_t(candidates.size());  if (!(total.above < rank && rank <= total.above + in_window)) return false;  // the bracket missed
+  const int64_t in_window = int64_t(candidates.size());
+  if (!(total.above < rank && rank <= total.above + in_window)) return false;  // the bracket missed
 
   KeySegments<uint32_t> window_keys;
   window_keys.data = {candidates.data()};
   window_keys.offsets = {0, in_window};
-  const Selected inner = select_rank_from_top<uint32_t, Loops32>(window_keys, fmt, rank - total.above);
+  const Selected inner = select_rank_from_top<uint32_t, Loops32>(window_keys, fmt, rank - total.above, lo, hi);
   *result = {inner.key, total.above + inner.greater, inner.equal};  // all ties of t lie inside [lo, hi]
   return true;
 }

@@ -418,7 +418,7 @@ std::vector<TaskWindow> select_all_tasks(const TaskInputs& in, const KeyFormat& 
     }
     std::vector<uint32_t> candidates;
     for (const ChunkTrace& c : win[t].chunks) candidates.insert(candidates.end(), c.keys.begin(), c.keys.end());
-    done[t] = finish_window(fmt, ranks[t], win[t].total, candidates, &results[t]);
+    done[t] = finish_window(fmt, ranks[t], win[t].total, candidates, win[t].lo, win[t].hi, &results[t]);
   }
   return win;
 }

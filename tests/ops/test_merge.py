@@ -1210,3 +1210,20 @@ def test_dare_rescale_none_keeps_the_kept_entries_as_they_are():
         assert torch.equal(d, torch.where(keep, tv, torch.zeros_like(tv)))
     with pytest.raises(ValueError, match="rescale"):
         mtmerge.dare(tvs, 0.3, seed=4, rescale="l2")
+
+
+@pytest.mark.parametrize("selection", ["exact", "geq"])
+def test_shared_window_with_a_single_key_in_the_bracket(selection):
+    """Task vectors taking 3 values: the sampled bracket collapses to one key (lo == hi), so
+    every radix level is settled by the bracket alone; results still match the reference."""
+    n = 2**18 + 77
+    g = torch.Generator().manual_seed(930)
+    base = torch.zeros(n)
+    values = torch.tensor([0.5, -1.0, 2.0])
+    fts = [values[torch.randint(0, 3, (n,), generator=g)] for _ in range(2)]
+    ks = [n // 2, n // 3]
+    want = ref.delta_threshold(base, fts, ks, selection, False, None)
+    got = torch.ops.mtmerge.delta_threshold(base, fts, ks, selection, False, None)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    out = mtmerge.ties_merge(base, fts, [0.5, 1 / 3], selection=selection)
+    assert_close(out, ref_ties_merge(base, fts, [0.5, 1 / 3], [1.0, 1.0], 1.0, TiesKnobs(selection=selection)))
