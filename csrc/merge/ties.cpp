@@ -225,6 +225,34 @@ MTMERGE_CLONES void delta_keys(const float* f, const float* b, int64_t len, uint
   for (int64_t i = 0; i < len; ++i) keys[i] = float_bits(f[i] - b[i]) & kAbsMask;
 }
 
+// Walks [begin, end) in sub-blocks of kBlock entries, reading base (and the consensus bits)
+// once per sub-block: for each task t with want(t), fn(t, off, keys, len) gets the sub-block's
+// magnitude keys bits(|finetuned[t] - base|), 0 outside the consensus mask.
+template <int64_t kBlock, typename Want, typename Fn>
+void for_each_task_keys(const TaskInputs& in, int64_t begin, int64_t end, Want&& want, Fn&& fn) {
+  alignas(64) float f[kBlock], b[kBlock];
+  alignas(64) uint32_t keys[kBlock], keep[kBlock];
+  if (!in.base.has_value()) std::fill(b, b + kBlock, 0.0f);  // tau - 0 has the bits of tau
+  for (int64_t off = begin; off < end; off += kBlock) {
+    const int64_t len = std::min(kBlock, end - off);
+    if (in.base.has_value()) prefetch_next(*in.base, off + len, len, in.n);
+    const float* bp = in.base.has_value() ? floats_of(*in.base, off, len, b) : b;
+    if (in.consensus) {
+      std::fill(keep, keep + len, 1u);
+      consensus_filter(in.consensus, off, len, keep);
+    }
+    for (int64_t t = 0; t < in.tasks(); ++t) {
+      if (!want(t)) continue;
+      prefetch_next(in.finetuned[t], off + len, len, in.n);
+      delta_keys(floats_of(in.finetuned[t], off, len, f), bp, len, keys);
+      if (in.consensus) {
+        for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
+      }
+      fn(t, off, static_cast<const uint32_t*>(keys), len);
+    }
+  }
+}
+
 struct TaskKeySource {
   const TaskInputs* in;
   int64_t task;
@@ -233,23 +261,8 @@ struct TaskKeySource {
 
   template <typename Fn>
   void for_each_piece(int64_t begin, int64_t end, Fn&& fn) const {
-    alignas(64) float f[kSub];
-    alignas(64) float b[kSub];
-    alignas(64) uint32_t keys[kSub];
-    alignas(64) uint32_t keep[kSub];
-    if (!in->base.has_value()) std::fill(b, b + kSub, 0.0f);  // tau - 0 has the bits of tau
-    for (int64_t off = begin; off < end; off += kSub) {
-      const int64_t len = std::min(kSub, end - off);
-      const float* fp = floats_of(in->finetuned[task], off, len, f);
-      const float* bp = in->base.has_value() ? floats_of(*in->base, off, len, b) : b;
-      delta_keys(fp, bp, len, keys);
-      if (in->consensus) {
-        std::fill(keep, keep + len, 1u);
-        consensus_filter(in->consensus, off, len, keep);
-        for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
-      }
-      fn(static_cast<const uint32_t*>(keys), len);
-    }
+    for_each_task_keys<kSub>(*in, begin, end, [&](int64_t t) { return t == task; },
+                             [&](int64_t, int64_t, const uint32_t* keys, int64_t len) { fn(keys, len); });
   }
 };
 
@@ -366,33 +379,16 @@ std::vector<TaskWindow> select_all_tasks(const TaskInputs& in, const KeyFormat& 
     for (int64_t t = 0; t < tasks; ++t) {
       if (win[t].active && ranks[t] > 0) local[t].reset(new uint32_t[size_t(capacity + kSelectSub + 16)]);
     }
-    alignas(64) float f[kSelectSub], b[kSelectSub];
-    alignas(64) uint32_t keys[kSelectSub], keep[kSelectSub];
     uint32_t scratch[16 + 1];  // the vector stores of an empty window need room
-    if (!in.base.has_value()) std::fill(b, b + kSelectSub, 0.0f);
-    for (int64_t off = begin; off < end; off += kSelectSub) {
-      const int64_t len = std::min(kSelectSub, end - off);
-      if (in.base.has_value()) prefetch_next(*in.base, off + len, len, n);
-      const float* bp = in.base.has_value() ? floats_of(*in.base, off, len, b) : b;
-      if (in.consensus) {
-        std::fill(keep, keep + len, 1u);
-        consensus_filter(in.consensus, off, len, keep);
-      }
-      for (int64_t t = 0; t < tasks; ++t) {
-        if (!win[t].active || full[t]) continue;
-        prefetch_next(in.finetuned[t], off + len, len, n);
-        delta_keys(floats_of(in.finetuned[t], off, len, f), bp, len, keys);
-        if (in.consensus) {
-          for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
-        }
-        full[t] = tally[t].kept > capacity;
-        if (!full[t]) {
+    for_each_task_keys<kSelectSub>(
+        in, begin, end, [&](int64_t t) { return win[t].active && !full[t]; },
+        [&](int64_t t, int64_t, const uint32_t* keys, int64_t len) {
+          full[t] = tally[t].kept > capacity;
+          if (full[t]) return;
           window(keys, len, fmt.abs_mask, win[t].lo, win[t].hi, fmt.inf_key, local[t] ? local[t].get() : scratch,
                  tally[t]);
           kept_after[t].push_back(tally[t].kept);
-        }
-      }
-    }
+        });
     std::lock_guard<std::mutex> guard(merge_lock);  // candidate order is irrelevant: only counts are used
     for (int64_t t = 0; t < tasks; ++t) {
       if (!win[t].active) continue;
@@ -432,29 +428,18 @@ void find_tie_cutoffs(const TaskInputs& in, const std::vector<int64_t>& tasks_ne
   if (m == 0) return;
   const int64_t n = in.n, nblocks = (n + kGrain - 1) / kGrain;
   std::vector<int64_t> counts(m * nblocks, 0);
+  std::vector<int64_t> slot(in.tasks(), -1);  // task -> its index j in tasks_needing
+  for (int64_t j = 0; j < m; ++j) slot[tasks_needing[j]] = j;
   at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
-    alignas(64) float f[kSub], b[kSub];
-    alignas(64) uint32_t keys[kSub], keep[kSub];
-    if (!in.base.has_value()) std::fill(b, b + kSub, 0.0f);
     for (int64_t blk = lo; blk < hi; ++blk) {
-      for (int64_t off = blk * kGrain; off < std::min(n, (blk + 1) * kGrain); off += kSub) {
-        const int64_t len = std::min(kSub, n - off);
-        const float* bp = in.base.has_value() ? floats_of(*in.base, off, len, b) : b;
-        if (in.consensus) {
-          std::fill(keep, keep + len, 1u);
-          consensus_filter(in.consensus, off, len, keep);
-        }
-        for (int64_t j = 0; j < m; ++j) {
-          const int64_t t = tasks_needing[j];
-          delta_keys(floats_of(in.finetuned[t], off, len, f), bp, len, keys);
-          if (in.consensus) {  // outside the consensus mask keys are 0, as in TaskKeySource
-            for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
-          }
-          int64_t c = 0;
-          for (int64_t i = 0; i < len; ++i) c += keys[i] == t_keys[j];
-          counts[j * nblocks + blk] += c;
-        }
-      }
+      for_each_task_keys<kSub>(in, blk * kGrain, std::min(n, (blk + 1) * kGrain),
+                               [&](int64_t t) { return slot[t] >= 0; },
+                               [&](int64_t t, int64_t, const uint32_t* keys, int64_t len) {
+                                 const int64_t j = slot[t];
+                                 int64_t c = 0;
+                                 for (int64_t i = 0; i < len; ++i) c += keys[i] == t_keys[j];
+                                 counts[j * nblocks + blk] += c;
+                               });
     }
   });
   for (int64_t j = 0; j < m; ++j) {
@@ -980,9 +965,6 @@ at::Tensor magnitude_histogram_cpu(const c10::optional<at::Tensor>& base, at::Te
   at::parallel_for(0, in.n, std::max<int64_t>(kGrain, nbins * 4), [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> local(size_t(tasks * (nbins + 1)), 0u);  // + one spare bin per task
     std::vector<int64_t> wide(size_t(tasks * nbins), 0);
-    alignas(64) float f[kSub], b[kSub];
-    alignas(64) uint32_t keys[kSub], keep[kSub];
-    if (!in.base.has_value()) std::fill(b, b + kSub, 0.0f);
     auto flush = [&]() {
       for (int64_t t = 0; t < tasks; ++t) {
         for (int64_t j = 0; j < nbins; ++j) wide[t * nbins + j] += local[t * (nbins + 1) + j];
@@ -990,27 +972,16 @@ at::Tensor magnitude_histogram_cpu(const c10::optional<at::Tensor>& base, at::Te
       std::fill(local.begin(), local.end(), 0u);
     };
     int64_t since_flush = 0;
-    for (int64_t off = begin; off < end; off += kSub) {
-      const int64_t len = std::min(kSub, end - off);
-      const float* bp = in.base.has_value() ? floats_of(*in.base, off, len, b) : b;
-      if (in.consensus) {
-        std::fill(keep, keep + len, 1u);
-        consensus_filter(in.consensus, off, len, keep);
-      }
-      for (int64_t t = 0; t < tasks; ++t) {
-        delta_keys(floats_of(in.finetuned[t], off, len, f), bp, len, keys);
-        if (in.consensus) {
-          for (int64_t i = 0; i < len; ++i) keys[i] = keep[i] ? keys[i] : 0u;
-        }
-        key_histogram(keys, len, int(shift), uint32_t(nbins - 1), int(prefix_shift), uint32_t(prefix[t]),
-                      local.data() + t * (nbins + 1), uint32_t(nbins));
-      }
-      since_flush += len;
-      if (since_flush >= kFlush) {
-        flush();
-        since_flush = 0;
-      }
-    }
+    for_each_task_keys<kSub>(in, begin, end, [](int64_t) { return true; },
+                             [&](int64_t t, int64_t, const uint32_t* keys, int64_t len) {
+                               key_histogram(keys, len, int(shift), uint32_t(nbins - 1), int(prefix_shift),
+                                             uint32_t(prefix[t]), local.data() + t * (nbins + 1), uint32_t(nbins));
+                               since_flush += len;
+                               if (since_flush >= kFlush) {
+                                 flush();
+                                 since_flush = 0;
+                               }
+                             });
     flush();
     std::lock_guard<std::mutex> guard(merge_lock);  // integer sums: order-free, same bits for any threads
     for (int64_t j = 0; j < tasks * nbins; ++j) out[j] += wide[j];
