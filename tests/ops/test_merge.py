@@ -786,18 +786,9 @@ def test_dare_ties(rescale, flavor, knobs):
 
 
 def test_dare_ties_with_merge_sum_matches_mergekit_dare_ties_math():
-    """mergekit's dare_ties (normalize=False by default) on the same DARE'd task vectors."""
+    """mergekit's dare_ties (normalize=False by default) on the same DARE'd task vectors: the
+    recipe in dare_ties' docstring (flavor="mergekit", merge="sum", rescale="l1")."""
     base, fts = make_models(2000, 3, seed=640)
-    tvs = flat_task_vectors(base, fts)
-    dropped = mtmerge.dare(tvs, 0.5, seed=9, rescale="l1")
-    want = mergekit_ties_local(base, fts, [1.0, 0.5, 2.0], None, 1, normalize=False, sparsified=dropped) - base
-    got = mtmerge.dare_ties(tvs, 0.5, [1.0, 0.5, 2.0], seed=9, rescale="l1", flavor="mergekit", merge="sum")
-    assert_close(got, want)
-
-
-def test_dare_ties_docstring_recipe_is_mergekit_dare_ties():
-    """dare_ties' docstring: mergekit's dare_ties is flavor="mergekit", merge="sum", rescale="l1"."""
-    base, fts = make_models(2000, 3, seed=641)
     tvs = flat_task_vectors(base, fts)
     dropped = mtmerge.dare(tvs, 0.5, seed=9, rescale="l1")
     want = mergekit_ties_local(base, fts, [1.0, 0.5, 2.0], None, 1, normalize=False, sparsified=dropped) - base
