@@ -42,7 +42,7 @@ def collect_info() -> dict[str, Any]:
                    "interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"},
         "cuda": {"available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
                  "devices": torch.cuda.device_count()},
-        "ops": _library.backends(),
+        "ops": _library.backends(),  # {family: {op: {device: backend}}}
     }
 
 
@@ -66,10 +66,13 @@ def _print_info(info: dict[str, Any]) -> None:
     cuda = info["cuda"]
     print(f"cuda: {'available, ' + str(cuda['devices']) + ' device(s)' if cuda['available'] else 'not available'}"
           f" (torch built with CUDA {cuda['torch_cuda']})")
-    print("ops:")
-    width = max(len(name) for name in info["ops"])
-    for name, where in info["ops"].items():
-        print(f"  {name:<{width}}  cpu: {where['cpu']:<22}  cuda: {where['cuda']}")
+    print("ops, by family:")
+    width = max((len(name) for ops in info["ops"].values() for name in ops), default=0)
+    for family, ops in info["ops"].items():
+        print(f"  {family}:")
+        for name, where in ops.items():
+            grad = "  autograd" if where["autograd"] == "yes" else ""
+            print(f"    {name:<{width}}  cpu: {where['cpu']:<22}  cuda: {where['cuda']}{grad}")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

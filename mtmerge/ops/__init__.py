@@ -1,1 +1,9 @@
-"""Typed wrappers of the ``torch.ops.mtmerge`` ops, one module per family."""
+"""The op families: each registers its specs (``_<family>_ops.py``) and has a typed public
+module (``<family>.py``). Importing this package registers every family, then loads
+``mtmerge._C``, whose CPU kernels attach to the registered schemas."""
+
+from mtmerge import _library
+from mtmerge.ops._merge_ops import MERGE_OPS
+
+_library.register_family("merge", MERGE_OPS)
+_library.load_extension()

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference for the merge family: the math, written to be read.
 
 These functions define what "correct" means for the compiled kernels (``csrc/merge``) and
-the Triton kernels (``kernels/merge.py``). They favour clarity over speed: they sort and
+the Triton kernels (``kernels/merge/``). They favour clarity over speed: they sort and
 concatenate freely.
 
 Magnitude selection (``magnitude_threshold`` / ``threshold_mask``)
@@ -27,6 +27,33 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from mtmerge._constants import (
+    DARE_HIGH_WORD_SALT,
+    DARE_KEEP_ONE,
+    DIVISOR_COUNT,
+    ELECT_COUNT,
+    ELECT_NONE,
+    F32_INF_KEY,
+    INT64_MAX,
+    MERGE_MEAN,
+    MERGE_SUM,
+    OUT_LAM,
+    OUT_ZERO_FILL,
+    RULE_CHECK_FINITE,
+    RULE_DIVISOR,
+    RULE_ELECT,
+    RULE_ELECT_WEIGHTED,
+    RULE_MERGE,
+    RULE_WITH_BASE,
+    SCALAR_SCALE,
+    SCALAR_WEIGHT,
+    TRIM_DARE_KEEP,
+    TRIM_DARE_KEY,
+    TRIM_THRESHOLD_KEY,
+    TRIM_TIE_CUTOFF,
+)
+from mtmerge._rng import dare_keep_threshold, dare_task_key, fmix32  # noqa: F401  (re-exported)
 
 
 def _flat_magnitudes(xs: Sequence[Tensor]) -> Tensor:
@@ -138,10 +165,8 @@ def threshold_mask(
 # every tie kept, the "geq" rule).
 # =============================================================================================
 
-INT64_MAX = 2**63 - 1
-F32_INF_KEY = 0x7F800000
-DARE_KEEP_ONE = 1 << 24  # dare_keep value that keeps everything (no DARE)
 _M32 = 0xFFFFFFFF
+
 
 
 def task_deltas(base: Tensor | None, finetuned: Sequence[Tensor]) -> list[Tensor]:
@@ -304,7 +329,7 @@ def magnitude_histogram(
     return torch.stack(rows)
 
 
-# ---- DARE: a counter-based RNG keyed by (seed, task, flat index) ----------------------------
+# ---- DARE: a counter-based RNG keyed by (task key, flat index); keys: mtmerge._rng -----------
 
 
 def _mul32(h: Tensor, c: int) -> Tensor:
@@ -321,30 +346,7 @@ def _fmix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def fmix32(x: int) -> int:
-    """:func:`_fmix32` on a Python int."""
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _M32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-DARE_HIGH_WORD_SALT = 0x68E31DA4
-
-
-def dare_task_key(seed: int, task: int) -> int:
-    """The 32-bit stream key of task ``task`` under ``seed`` (``0 <= seed < 2**63``)."""
-    return fmix32(fmix32(fmix32(task + 0x9E3779B9) ^ ((seed >> 32) & _M32)) ^ (seed & _M32))
-
-
-def dare_keep_threshold(density: float) -> int:
-    """DARE keeps an entry when its 24-bit hash is below this: ``round(density * 2**24)``."""
-    return min(DARE_KEEP_ONE, max(0, round(float(density) * DARE_KEEP_ONE)))
-
-
-def dare_hash(index: Tensor, task_key: int) -> Tensor:
+def dare_hash(index: Tensor, task_key: int | Tensor) -> Tensor:
     """24-bit uniform hash of int64 flat indices: ``fmix32(fmix32(lo ^ key) ^ hi ^ salt) >> 8``."""
     h = _fmix32((index & _M32) ^ task_key)
     h = _fmix32(h ^ (index >> 32) ^ DARE_HIGH_WORD_SALT)
@@ -358,23 +360,32 @@ def dare_keep_mask(n: int, seed: int, task: int, keep: int, device=None, start: 
     return dare_hash(index, dare_task_key(seed, task)) < keep
 
 
+def _dare_kept(task_trim: Tensor, t: int, n: int, device, index_offset: int) -> Tensor | None:
+    """DARE's keep decisions of task row ``t`` of ``task_trim`` (None: DARE keeps everything)."""
+    keep = task_trim[t, TRIM_DARE_KEEP]
+    if int(keep) >= DARE_KEEP_ONE:
+        return None
+    index = torch.arange(index_offset, index_offset + n, dtype=torch.int64, device=device)
+    return dare_hash(index, task_trim[t, TRIM_DARE_KEY]) < keep
+
+
 def dare_abs_sums(
     base: Tensor | None,
     finetuned: Sequence[Tensor],
-    seed: int,
-    dare_keep: Sequence[int],
-    task_offset: int = 0,
+    task_trim: Tensor,
     index_offset: int = 0,
 ) -> Tensor:
     """float64 ``[T, 2]``: ``sum |tau_t|`` and ``sum |tau_t|`` over DARE's kept entries
-    (the L1 rescale factor is their ratio, mergekit's rule). Task ``t`` draws DARE's stream of
-    task number ``task_offset + t``; entry ``i`` is DARE's flat index ``index_offset + i`` (so
-    a tensor processed in chunks draws the same mask as in one piece)."""
+    (the L1 rescale factor is their ratio, mergekit's rule). DARE's key and keep threshold of
+    task ``t`` are ``task_trim[t, TRIM_DARE_KEY]`` and ``task_trim[t, TRIM_DARE_KEEP]``; entry
+    ``i`` is DARE's flat index ``index_offset + i`` (so a tensor processed in chunks draws the
+    same mask as in one piece)."""
     rows = []
     for t, d in enumerate(task_deltas(base, finetuned)):
         a = d.double().abs()
-        kept = dare_keep_mask(d.numel(), seed, task_offset + t, dare_keep[t], d.device, index_offset)
-        rows.append(torch.stack([a.sum(), torch.where(kept, a, torch.zeros_like(a)).sum()]))
+        kept = _dare_kept(task_trim, t, d.numel(), d.device, index_offset)
+        kept_sum = a.sum() if kept is None else torch.where(kept, a, torch.zeros_like(a)).sum()
+        rows.append(torch.stack([a.sum(), kept_sum]))
     if not rows:
         return torch.zeros((0, 2), dtype=torch.float64)
     return torch.stack(rows)
@@ -382,43 +393,40 @@ def dare_abs_sums(
 
 # ---- the fused merge: trim (+ DARE, + consensus), elect, disjoint merge, output --------------
 
-ELECTS = ("none", "sum", "count")
-MERGES = ("mean", "sum", "max")
-DIVISORS = ("count", "weight")
-
 
 def _sign(x: Tensor) -> Tensor:
     """-1, 0 or +1 as float32 (0 for NaN, unlike torch.sign)."""
     return (x > 0).float() - (x < 0).float()
 
 
-def _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
-                          task_offset=0, index_offset=0):
+def _trimmed_task_vectors(base, finetuned, task_scalars, task_trim, consensus, index_offset=0):
     """tau_hat_t = tau_t * scale_t where kept by the trim, DARE and consensus; else 0."""
     deltas = task_deltas(base, finetuned)
     n = deltas[0].numel()
     index = torch.arange(n, dtype=torch.int64, device=deltas[0].device)
     cons = _consensus_bits(consensus, n)
+    scalars = task_scalars.float()
     out = []
     for t, d in enumerate(deltas):
         key = magnitude_keys(d)
-        t_key = _threshold_key(thresholds[t])
-        keep = (key > t_key) | ((key == t_key) & (index <= int(tie_cutoffs[t])))
-        if dare_keep[t] < DARE_KEEP_ONE:
-            keep &= dare_keep_mask(n, seed, task_offset + t, dare_keep[t], d.device, index_offset)
+        t_key = task_trim[t, TRIM_THRESHOLD_KEY]
+        keep = (key > t_key) | ((key == t_key) & (index <= task_trim[t, TRIM_TIE_CUTOFF]))
+        dare = _dare_kept(task_trim, t, n, d.device, index_offset)
+        if dare is not None:
+            keep &= dare
         if cons is not None:
             keep &= cons
-        out.append(torch.where(keep, d * scales[t], torch.zeros_like(d)))
+        out.append(torch.where(keep, d * scalars[t, SCALAR_SCALE], torch.zeros_like(d)))
     return out
 
 
-def _election(values, weights, elect, elect_weighted):
+def _election(values, weights: Tensor, elect: int, elect_weighted: bool):
     """Per task the values the election sums (weighted or not; signs for "count"), and the sum."""
     elected = []
     total = None
     for t, v in enumerate(values):
         e = v * weights[t] if elect_weighted else v
-        if elect == "count":
+        if elect == ELECT_COUNT:
             e = _sign(e)
         elected.append(e)
         total = e if total is None else total + e
@@ -428,81 +436,83 @@ def _election(values, weights, elect, elect_weighted):
 def elect_sign_total(
     base: Tensor | None,
     finetuned: Sequence[Tensor],
-    weights: Sequence[float],
-    scales: Sequence[float],
-    thresholds: Tensor,
-    tie_cutoffs: Tensor,
-    seed: int,
-    dare_keep: Sequence[int],
-    elect: str = "sum",
-    elect_weighted: bool = False,
-    consensus: Tensor | None = None,
+    task_scalars: Tensor,
+    task_trim: Tensor,
+    consensus: Tensor | None,
+    rule: Sequence[int],
     index_offset: int = 0,
 ) -> Tensor:
     """int64 0-d: ``sum_i sign(S_i)`` over the elected sums ``S``; its sign is the
-    ``zero_sign="majority"`` fill (the TIES paper's ``resolve_zero_signs``)."""
-    values = _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
-                                   0, index_offset)
-    _, total = _election(values, weights, elect, elect_weighted)
+    ``zero_sign="majority"`` fill (the TIES paper's ``resolve_zero_signs``). Arguments as
+    :func:`merge_fused` (only ``rule[RULE_ELECT]``, which must not be ``ELECT_NONE``, and
+    ``rule[RULE_ELECT_WEIGHTED]`` matter)."""
+    if rule[RULE_ELECT] == ELECT_NONE:
+        raise ValueError("elect_sign_total needs an election (rule[RULE_ELECT] must be ELECT_SUM or ELECT_COUNT)")
+    values = _trimmed_task_vectors(base, finetuned, task_scalars, task_trim, consensus, index_offset)
+    weights = task_scalars.float()[:, SCALAR_WEIGHT]
+    _, total = _election(values, weights, rule[RULE_ELECT], bool(rule[RULE_ELECT_WEIGHTED]))
     return _sign(total).to(torch.int64).sum()
+
+
+def check_finite_inputs(base: Tensor | None, finetuned: Sequence[Tensor]) -> None:
+    """Raise ValueError naming the first of ``base``, ``finetuned[t]`` that holds NaN or Inf."""
+    for name, x in [("base", base)] + [(f"finetuned[{t}]", f) for t, f in enumerate(finetuned)]:
+        if x is not None:
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise ValueError(f"{name} contains {bad} NaN or Inf value(s); pass allow_nonfinite=True to merge "
+                                 "anyway")
 
 
 def merge_fused(
     base: Tensor | None,
     finetuned: Sequence[Tensor],
-    weights: Sequence[float],
-    scales: Sequence[float],
-    thresholds: Tensor,
-    tie_cutoffs: Tensor,
-    seed: int,
-    dare_keep: Sequence[int],
+    task_scalars: Tensor,
+    task_trim: Tensor,
     consensus: Tensor | None,
-    elect: str,
-    elect_weighted: bool,
-    zero_fill: int,
-    merge: str,
-    divisor: str,
-    lam: float,
-    allow_nonfinite: bool,
+    rule: Sequence[int],
+    merge_scalars: Tensor,
     out: Tensor,
-    task_offset: int = 0,
-    with_base: bool = True,
     index_offset: int = 0,
 ) -> None:
-    """Writes ``base + lam * merged`` into ``out`` (``lam * merged`` without base or with
-    ``with_base=False``).
+    """Writes ``base + lam * merged`` into ``out`` (``lam * merged`` without base or when
+    ``rule[RULE_WITH_BASE]`` is 0).
 
-    With ``tau_hat_t`` the trimmed, DARE'd, rescaled task vectors, ``e_t`` the elected values
-    (``w_t tau_hat_t`` if ``elect_weighted`` else ``tau_hat_t``; their signs for "count"),
-    ``S = sum_t e_t`` (in task order) and ``gamma = sign(S)`` (``zero_fill``, one of 1, -1, 0,
+    Per task ``t``: weight ``w_t`` and rescale ``s_t`` are ``task_scalars[t]`` (float32
+    ``[T, 2]``); the trim keeps magnitude keys above ``task_trim[t, TRIM_THRESHOLD_KEY]`` and
+    those equal to it at flat index ``<= task_trim[t, TRIM_TIE_CUTOFF]``, DARE keeps those whose
+    hash under ``task_trim[t, TRIM_DARE_KEY]`` is below ``task_trim[t, TRIM_DARE_KEEP]``, and
+    ``consensus`` (packed uint8) keeps its set bits. ``lam, zero_fill = merge_scalars``. With
+    ``tau_hat_t`` the kept task vector times ``s_t``, ``e_t`` the elected values
+    (``w_t tau_hat_t`` if ``rule[RULE_ELECT_WEIGHTED]`` else ``tau_hat_t``; their signs for
+    ``ELECT_COUNT``), ``S = sum_t e_t`` (in task order) and ``gamma = sign(S)`` (``zero_fill``
     where ``S = 0``):
 
-    * ``A_t = [tau_hat_t != 0 and sign(e_t) == gamma]`` (``elect="none"``: all 1); where
+    * ``A_t = [tau_hat_t != 0 and sign(e_t) == gamma]`` (``ELECT_NONE``: all 1); where
       ``gamma = 0`` the negative ``e_t`` agree (the TIES paper's ``where(gamma > 0, ...)``),
-    * ``num = sum_t A_t w_t tau_hat_t``, ``D = sum_t A_t`` ("count") or ``sum_t A_t w_t``,
-    * merged = ``num / D`` for "mean" (``num`` where ``D = 0``, mergekit's rule: that is 0
-      unless agreeing weights cancel), ``num`` for "sum", and for "max" the agreeing
-      ``w_t tau_hat_t`` of largest magnitude (lowest t on ties; 0 if none or ``gamma = 0``).
+    * ``num = sum_t A_t w_t tau_hat_t``, ``D = sum_t A_t`` (``DIVISOR_COUNT``) or ``sum_t A_t w_t``,
+    * merged = ``num / D`` for ``MERGE_MEAN`` (``num`` where ``D = 0``, mergekit's rule: that is
+      0 unless agreeing weights cancel), ``num`` for ``MERGE_SUM``, and for ``MERGE_MAX`` the
+      agreeing ``w_t tau_hat_t`` of largest magnitude (lowest t on ties; 0 if none or ``gamma = 0``).
 
-    DARE draws task ``t``'s keep decisions from the stream of task number ``task_offset + t``
-    (so one task can be processed alone with the same mask), and entry ``i`` is DARE's flat
-    index ``index_offset + i`` (so can a chunk of a tensor). Raises ValueError if an input
-    holds NaN/Inf and ``allow_nonfinite`` is False.
+    Entry ``i`` is DARE's flat index ``index_offset + i``. With ``rule[RULE_CHECK_FINITE]``,
+    raises ValueError if an input holds NaN/Inf, before ``out`` is written.
     """
-    if not allow_nonfinite:
-        for name, x in [("base", base)] + [(f"finetuned[{t}]", f) for t, f in enumerate(finetuned)]:
-            if x is not None and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} contains NaN or Inf; pass allow_nonfinite=True to merge it anyway")
-    values = _trimmed_task_vectors(base, finetuned, scales, thresholds, tie_cutoffs, seed, dare_keep, consensus,
-                                   task_offset, index_offset)
+    if rule[RULE_CHECK_FINITE]:
+        check_finite_inputs(base, finetuned)
+    values = _trimmed_task_vectors(base, finetuned, task_scalars, task_trim, consensus, index_offset)
     n = values[0].numel()
-    if elect == "none":
+    weights = task_scalars.float()[:, SCALAR_WEIGHT]
+    lam = merge_scalars.float()[OUT_LAM]
+    elect = rule[RULE_ELECT]
+    if elect == ELECT_NONE:
         merged = torch.zeros(n, dtype=torch.float32, device=values[0].device)
         for t, v in enumerate(values):
             merged = merged + v * weights[t]
     else:
-        elected, total = _election(values, weights, elect, elect_weighted)
-        gamma = torch.where(total == 0, torch.full_like(total, float(zero_fill)), _sign(total))
+        elected, total = _election(values, weights, elect, bool(rule[RULE_ELECT_WEIGHTED]))
+        zero_fill = merge_scalars.float()[OUT_ZERO_FILL]
+        gamma = torch.where(total == 0, zero_fill.expand_as(total), _sign(total))
         num = torch.zeros_like(total)
         den = torch.zeros_like(total)
         best = torch.zeros_like(total)
@@ -510,18 +520,36 @@ def merge_fused(
             agree = (v != 0) & torch.where(gamma > 0, elected[t] > 0, elected[t] < 0)
             wv = v * weights[t]
             num = num + torch.where(agree, wv, torch.zeros_like(wv))
-            share = 1.0 if divisor == "count" else weights[t]
-            den = den + torch.where(agree, torch.full_like(wv, share), torch.zeros_like(wv))
+            share = torch.ones_like(wv) if rule[RULE_DIVISOR] == DIVISOR_COUNT else weights[t].expand_as(wv)
+            den = den + torch.where(agree, share, torch.zeros_like(wv))
             best = torch.where(agree & (wv.abs() > best.abs()), wv, best)
-        if merge == "mean":
+        if rule[RULE_MERGE] == MERGE_MEAN:
             safe_den = torch.where(den != 0, den, torch.ones_like(den))
             merged = torch.where(den != 0, num / safe_den, num)
-        elif merge == "sum":
+        elif rule[RULE_MERGE] == MERGE_SUM:
             merged = num
         else:
             merged = torch.where(gamma != 0, best, torch.zeros_like(best))
-    result = merged * lam if base is None or not with_base else base.reshape(-1).float() + merged * lam
+    with_base = base is not None and rule[RULE_WITH_BASE]
+    result = base.reshape(-1).float() + merged * lam if with_base else merged * lam
     out.copy_(result.reshape(out.shape))
+
+
+def task_arithmetic(base: Tensor, finetuned: Sequence[Tensor], weights: Tensor, lam: Tensor) -> Tensor:
+    """``base + lam * sum_t weights[t] * (finetuned[t] - base)``, a new tensor of ``base``'s dtype.
+
+    Computed in float32 (float64 for float64 inputs) in task order, exactly as
+    :func:`merge_fused`'s linear merge: ``acc = 0; acc = acc + (f_t - b) * w_t; b + acc * lam``.
+    No finiteness check: NaN/Inf propagate. Differentiable (the op's autograd formula is in
+    ``mtmerge/ops/_merge_ops.py``).
+    """
+    compute = torch.float64 if base.dtype == torch.float64 else torch.float32
+    b = base.to(compute)
+    w = weights.to(compute).reshape(-1)
+    acc = torch.zeros_like(b)
+    for t, f in enumerate(finetuned):
+        acc = acc + (f.to(compute) - b) * w[t]
+    return (b + acc * lam.to(compute)).to(base.dtype)
 
 
 # ---- TALL masks and Consensus ----------------------------------------------------------------
