@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: demo test install lint bench cuda-check clean
+.PHONY: demo test install lint bench cuda-check gpu-check gpu-check-dry clean
 
 $(VENV)/.stamp-deps: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,20 @@ cuda-check:
 	@for f in csrc/cuda/*.cu; do \
 	  echo "nvcc -c $$f"; nvcc -std=c++17 -O3 -Icsrc -c $$f -o /dev/null || exit 1; \
 	done
+
+# The GPU check (DESIGN.md, "The GPU check"): on a GPU machine with torch, triton and pytest
+# preinstalled and no network, build against the torch found there, run the op tests on CUDA and
+# every benchmark's GPU mode, write OUT/report.md + OUT/report.json, in under 8 minutes. It uses
+# the machine's Python (not .venv) and installs nothing from the network. gpu-check-dry lists the
+# steps without running them (CI runs it).
+GPU_PYTHON ?= python3
+OUT ?= gpu-check
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py --out $(OUT)
+
+gpu-check-dry:
+	$(GPU_PYTHON) scripts/gpu_check.py --dry-run --out $(OUT)
 
 clean:
 	rm -rf build *.egg-info mtmerge/_C*.so $(VENV)/.stamp-build

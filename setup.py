@@ -8,7 +8,9 @@
   found, or when ``MTMERGE_FORCE_CUDA=1``.
 * ``MTMERGE_SKIP_BUILD=1`` skips all compiling: the ops then run on the PyTorch
   reference (one warning at import).
-* ``kernels/`` (Triton) is installed as ``mtmerge.kernels``.
+* Packages are found, not listed: every package under ``mtmerge/`` and ``kernels/`` (Triton,
+  installed as ``mtmerge.kernels``, subpackages such as ``kernels/merge/`` included), so a new
+  subpackage is never silently left out (``tests/test_packaging.py`` checks it).
 
 Install torch first, then ``pip install --no-build-isolation .``: a build-isolated
 install would pull a multi-GB CUDA build of torch.
@@ -20,7 +22,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,17 +61,24 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+# kernels/ is installed as mtmerge.kernels, never as a top-level `kernels` (another package's name)
+PACKAGE_DIR = {"mtmerge.kernels": "kernels"}
+
+
+def find_all_packages() -> list[str]:
+    """``mtmerge`` and all its subpackages, plus ``kernels`` and its subpackages as ``mtmerge.kernels.*``."""
+    packages = find_packages(where=ROOT, include=["mtmerge", "mtmerge.*"])
+    kernels = find_packages(where=os.path.join(ROOT, PACKAGE_DIR["mtmerge.kernels"]))
+    packages += ["mtmerge.kernels", *(f"mtmerge.kernels.{name}" for name in kernels)]
+    return sorted(set(packages))
+
+
+PACKAGES = find_all_packages()
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=[
-        "mtmerge",
-        "mtmerge.ops",
-        "mtmerge.merging",
-        "mtmerge.reference",
-        "mtmerge.kernels",
-    ],
-    package_dir={"mtmerge.kernels": "kernels"},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -8,6 +8,7 @@ Times are medians of several repeats after one warm-up call (peers: no warm-up, 
     python benchmarks/bench_merge.py                  # 16M x 4, fp32 + bf16, 1 and 2 threads, peers
     python benchmarks/bench_merge.py --quick          # 1M x 4, peers at 256K, 3 repeats: a smoke run
     python benchmarks/bench_merge.py --no-peers --size 4194304 --threads 2
+    python benchmarks/bench_merge.py --gpu            # GPU mode: Triton on CUDA, do_bench, 1M and 4M
 
 Columns (one markdown table per dtype, one row per thread count):
 
@@ -33,17 +34,15 @@ Columns (one markdown table per dtype, one row per thread count):
 * ``mergekit-flavor ms``, ``paper-flavor ms``: ``ties_merge(..., flavor="mergekit")`` and
   ``flavor="paper"`` (the latter adds the "majority" zero-sign pre-pass).
 * ``peft ms``: ``base + peft.utils.merge_utils.ties([ft - base for ft in fts], ones(T), density)``,
-  loaded from the installed package file (importing ``peft`` itself needs transformers).
+  loaded from the installed package file (``tests/peers/peft_merge_utils.py``).
   ``peft/ours`` = peft ms / ``ties_merge ms`` (the same knobs).
-* ``mergekit ms``: mergekit's ``ties`` (``GeneralizedTaskArithmeticMerge.merge_group`` with
-  sign consensus "sum", magnitude sparsification, normalize, lambda 1) when mergekit imports;
-  otherwise a faithful inline copy of its math (``sparsify.magnitude`` via argsort, ``get_mask``,
-  the consensus branch of ``merge_group``), labelled as such. ``mergekit/ours`` = mergekit ms /
-  ``mergekit-flavor ms``.
-* ``paper-code ms``: an inline copy of the math of the TIES paper's released code
-  (``ties_merging_utils.py``: ``vstack`` and subtract, ``topk_values_mask`` with ``kthvalue`` and
-  ``>=``, ``resolve_sign`` with majority zero signs, ``disjoint_merge`` mean, ``base + lam * tv``).
-  ``paper-code/ours`` = paper-code ms / ``paper-flavor ms``.
+* ``mergekit ms``: mergekit's ``ties`` (``tests/peers/mergekit_ties.py``: the package's
+  ``merge_tensors``, consensus "sum", magnitude sparsification, normalize, lambda 1) when mergekit
+  imports; otherwise the local copy of its math (``tests/peers/mergekit_ties_copy.py``), labelled
+  as such. ``mergekit/ours`` = mergekit ms / ``mergekit-flavor ms``.
+* ``paper-code ms``: the local copy of the TIES paper's released code (``tests/peers/ties_paper.py``:
+  ``topk_values_mask`` with ``kthvalue`` and ``>=``, ``resolve_sign`` with majority zero signs,
+  ``disjoint_merge`` mean, ``base + lam * tv``). ``paper-code/ours`` = paper-code ms / ``paper-flavor ms``.
 
 Peers always include forming the task vectors and adding ``base`` back, as a real merge does.
 They run at ``--peers-size`` (default: ``--size``); if that differs, ``ours`` in the ratios is
@@ -56,6 +55,11 @@ a warm-up call on tiny inputs, ``/proc/self/clear_refs`` is written ``5`` (reset
 current RSS), ``ties_merge`` runs once at full size, and peak extra = VmHWM after - VmHWM right
 after the reset, reported in units of one input tensor (n * element size).
 
+GPU mode (``--gpu``; sizes ``--gpu-sizes``, default 1M and 4M; fp32 and bf16; T = 4): the same
+programs on CUDA tensors (the Triton kernels), timed with ``triton.testing.do_bench`` (medians),
+beside the floor (``benchmarks/gpu_mode.py``: read every input once, write out once) and the
+peers on the same device; ``--json PATH`` writes the figures.
+
 Targets from the issue: ties_merge/floor <= 5, peft/ours and mergekit/ours >= 50, peak extra
 <= 2 input tensors. They are checked at the end (``ok`` / ``MISS``).
 """
@@ -63,7 +67,6 @@ Targets from the issue: ties_merge/floor <= 5, peft/ours and mergekit/ours >= 50
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -74,7 +77,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -83,7 +85,13 @@ from torch import Tensor
 import mtmerge
 from mtmerge import _library
 
-MERGEKIT_INLINE = "mergekit (inline copy of its math)"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_merge.py`: tests.peers lives in the repo root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_mode import bench_ms, floor_ms, markdown_table, require_gpu, write_json  # noqa: E402
+from tests.peers import mergekit_ties, mergekit_ties_copy, peft_merge_utils, ties_paper  # noqa: E402
+
 OURS_FOR_PEER = {"peft": "ties_merge", "mergekit": "mergekit-flavor", "paper-code": "paper-flavor"}
 PEER_FLAVOR = {"peft": None, "mergekit": "mergekit", "paper-code": "paper"}
 
@@ -174,150 +182,28 @@ def our_programs(base: Tensor, fts: list[Tensor], density: float, out: Tensor) -
     }
 
 
-# ---- peers -----------------------------------------------------------------------------------
+# ---- peers (kept once in tests/peers/) --------------------------------------------------------
 
 
-def load_peft_merge_utils() -> tuple[ModuleType | None, str]:
-    """``peft/utils/merge_utils.py`` loaded straight from the installed file (it only needs
-    torch; ``import peft`` would pull in transformers). Returns (module or None, description)."""
-    spec = importlib.util.find_spec("peft")
-    if spec is None or spec.origin is None:
-        return None, "peft not installed"
-    path = Path(spec.origin).parent / "utils" / "merge_utils.py"
-    file_spec = importlib.util.spec_from_file_location("_bench_peft_merge_utils", path)
-    if file_spec is None or file_spec.loader is None or not path.exists():
-        return None, f"peft installed but {path} not found"
-    module = importlib.util.module_from_spec(file_spec)
-    try:
-        file_spec.loader.exec_module(module)
-    except Exception as exc:  # any failure: report it, skip the peer
-        return None, f"loading {path} failed: {exc!r}"
-    version = "?"
-    try:
-        from importlib.metadata import version as dist_version
-
-        version = dist_version("peft")
-    except Exception:  # metadata is only for the label
-        pass
-    return module, f"peft {version} ({path})"
-
-
-def peft_merge(merge_utils: ModuleType) -> Merge:
-    def run(base: Tensor, fts: list[Tensor], density: float) -> Tensor:
-        task_vectors = [ft - base for ft in fts]
-        weights = torch.ones(len(fts), dtype=base.dtype)
-        return base + merge_utils.ties(task_vectors, weights, density)
-
-    return run
-
-
-def mergekit_inline(base: Tensor, fts: list[Tensor], density: float) -> Tensor:
-    """mergekit's ties (GeneralizedTaskArithmeticMerge, consensus "sum", magnitude, normalize,
-    no rescale, lambda 1, weights 1), its math copied from mergekit 0.1.5."""
-    deltas = base.new_empty((len(fts), *base.shape))
-    for index, ft in enumerate(fts):
-        delta = ft - base
-        # sparsify.magnitude (density < 1 here; rescale_norm None -> tensor * mask)
-        k = max(1, int(density * delta.numel()))
-        mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-        w = delta.abs().reshape(-1)
-        if w.device.type == "cpu":
-            w = w.float()
-        topk = torch.argsort(w, descending=True)[:k]
-        mask[topk] = 1
-        deltas[index] = delta * mask.reshape_as(delta)
-        del delta
-    weights = torch.ones(len(fts), dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > weights.dim():
-        weights.unsqueeze_(-1)
-    deltas.mul_(weights)
-    # get_mask(method="sum")
-    sign = deltas.sign().to(base.dtype)
-    sign_weight = deltas.sum(dim=0)
-    majority_sign = (sign_weight >= 0).to(base.dtype) * 2 - 1
-    del sign_weight
-    consensus = sign == majority_sign
-    mixed_delta = (deltas * consensus).sum(dim=0)
-    divisor = (weights * consensus).sum(dim=0)
-    divisor[divisor == 0] = 1
-    mixed_delta /= divisor
-    return (base + mixed_delta).to(base.dtype)
-
-
-def load_mergekit() -> tuple[Merge, str]:
-    """mergekit's own ties if it imports and agrees with the inline copy on a small input,
-    else the inline copy. Returns (merge, label)."""
-    try:
-        from mergekit.merge_methods.base import TensorGroup
-        from mergekit.merge_methods.generalized_task_arithmetic import (
-            ConsensusMethod,
-            GeneralizedTaskArithmeticMerge,
-        )
-        from mergekit.sparsify import SparsificationMethod
-
-        method = GeneralizedTaskArithmeticMerge(
-            consensus_method=ConsensusMethod.sum,
-            sparsification_method=SparsificationMethod.magnitude,
-            default_normalize=True,
-            default_rescale=False,
-            method_name="ties",
-            method_pretty_name="TIES",
-            method_reference_url="https://arxiv.org/abs/2306.01708",
-        )
-
-        def run(base: Tensor, fts: list[Tensor], density: float) -> Tensor:
-            ids = list(range(len(fts)))
-            group = TensorGroup.from_tensors([base, *fts], ids=["base", *ids], base_index=0)
-            params: dict[str, Any] = {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 1.0,
-                                      "weight": dict.fromkeys(ids, 1.0), "density": dict.fromkeys(ids, density)}
-            return method.merge_group(group, **params)
-
-        small_base, small_fts = make_inputs(4096, 3, torch.float32, seed=1)
-        if not torch.equal(run(small_base, small_fts, 0.2), mergekit_inline(small_base, small_fts, 0.2)):
-            return mergekit_inline, f"{MERGEKIT_INLINE}: mergekit's merge_group disagrees with it on a test input"
-    except Exception as exc:  # missing deps, another API version: use the copy
-        return mergekit_inline, f"{MERGEKIT_INLINE}; mergekit unavailable: {exc!r}"
-    from importlib.metadata import version as dist_version
-
-    return run, f"mergekit {dist_version('mergekit')} (GeneralizedTaskArithmeticMerge.merge_group)"
-
-
-def _paper_topk_values_mask(m: Tensor, k_frac: float) -> Tensor:
-    if k_frac > 1:
-        k_frac /= 100
-    if m.dim() == 1:
-        m = m.unsqueeze(0)
-    _, d = m.shape
-    k = d - int(d * k_frac)  # keep the top int(d * K): threshold at the (d - k)-th smallest
-    kth_values, _ = m.abs().kthvalue(k, dim=1, keepdim=True)
-    mask = m.abs() >= kth_values
-    return m * mask
-
-
-def _paper_resolve_sign(tv: Tensor) -> Tensor:
-    sign_to_mult = torch.sign(tv.sum(dim=0))
-    majority_sign = torch.sign(sign_to_mult.sum())
-    sign_to_mult[sign_to_mult == 0] = majority_sign
-    return sign_to_mult
-
-
-def _paper_disjoint_merge_mean(tv: Tensor, sign_to_mult: Tensor) -> Tensor:
-    rows_to_keep = torch.where(sign_to_mult.unsqueeze(0) > 0, tv > 0, tv < 0)
-    selected_entries = tv * rows_to_keep
-    non_zero_counts = (selected_entries != 0).sum(dim=0).float()
-    return torch.sum(selected_entries, dim=0) / torch.clamp(non_zero_counts, min=1)
-
-
-def paper_code(base: Tensor, fts: list[Tensor], density: float, lam: float = 1.0) -> Tensor:
-    """The TIES paper's released code (ties_merging_utils.py + its merge script), inline."""
-    flat_ptm = base.reshape(-1)
-    flat_ft = torch.vstack([ft.reshape(-1) for ft in fts])
-    tv_flat_checks = flat_ft - flat_ptm
-    all_checks = tv_flat_checks.clone()  # ties_merging()
-    updated_checks = _paper_topk_values_mask(all_checks, density)
-    final_signs = _paper_resolve_sign(updated_checks)
-    merged_tv = _paper_disjoint_merge_mean(updated_checks, final_signs)
-    return (flat_ptm + lam * merged_tv).reshape(base.shape)
+def load_peers() -> tuple[dict[str, Merge], list[str]]:
+    """The peers (each forms ``ft - base`` and adds ``base`` back) and one label line each."""
+    merges: dict[str, Merge] = {}
+    lines = []
+    if peft_merge_utils.MERGE_UTILS is not None:
+        merges["peft"] = peft_merge_utils.ties_merge
+        lines.append(f"- peft: {peft_merge_utils.LABEL} (real package)")
+    else:
+        lines.append(f"- peft: skipped ({peft_merge_utils.UNAVAILABLE})")
+    if mergekit_ties.AVAILABLE:
+        merges["mergekit"] = lambda base, fts, d: mergekit_ties.ties_merge(base, fts, [1.0] * len(fts), [d] * len(fts))
+        lines.append(f"- mergekit: {mergekit_ties.LABEL} (real package)")
+    else:
+        merges["mergekit"] = lambda base, fts, d: mergekit_ties_copy.ties_merge(base, fts, [1.0] * len(fts),
+                                                                                [d] * len(fts))
+        lines.append(f"- mergekit: {mergekit_ties_copy.LABEL}; the package is unavailable: {mergekit_ties.UNAVAILABLE}")
+    merges["paper-code"] = ties_paper.ties_merge
+    lines.append(f"- paper-code: {ties_paper.LABEL}")
+    return merges, lines
 
 
 # ---- peak memory (subprocess) ----------------------------------------------------------------
@@ -470,6 +356,55 @@ def _check(ok: bool) -> str:
     return "ok" if ok else "MISS"
 
 
+# ---- GPU mode ----------------------------------------------------------------------------------
+
+
+def gpu_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Every program on CUDA tensors, timed by do_bench; returns the figures."""
+    device_name = require_gpu(args.device)
+    backend = _library.backends()["merge"]
+    print(f"mtmerge {mtmerge.__version__}, torch {torch.__version__}, {device_name}; CUDA backends: merge_fused = "
+          f"{backend['merge_fused']['cuda']}, delta_threshold = {backend['delta_threshold']['cuda']}")
+    peers, peer_lines = ({}, []) if args.no_peers else load_peers()
+    if peer_lines:
+        print("Peers (on the GPU too):\n" + "\n".join(peer_lines))
+    rows = []
+    for dtype_name in args.dtypes:
+        for size in args.gpu_sizes:
+            dtype = getattr(torch, dtype_name)
+            cpu_base, cpu_fts = make_inputs(size, args.tasks, dtype)
+            base, fts = cpu_base.to(args.device), [f.to(args.device) for f in cpu_fts]
+            del cpu_base, cpu_fts
+            out = torch.empty_like(base)
+            times = {"floor": floor_ms([base, *fts], out)}
+            for name, fn in our_programs(base, fts, args.density, out).items():
+                times[name] = bench_ms(fn)
+            ks = [int(args.density * size)] * len(fts)
+            times["selection"] = bench_ms(lambda base=base, fts=fts, ks=ks: torch.ops.mtmerge.delta_threshold(
+                base=base, finetuned=fts, ks=ks, selection="exact", allow_nonfinite=False, consensus=None))
+            for name, merge in peers.items():
+                times[name] = bench_ms(lambda merge=merge, base=base, fts=fts: merge(base, fts, args.density),
+                                       warmup=2, rep=20)
+            rows.append({"dtype": dtype_name, "size": size, "tasks": args.tasks, "ms": times})
+            del base, fts, out
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    columns = ["dtype", "n", "floor ms", "ties_merge ms", "ties_merge/floor", "task_arithmetic ms",
+               "mergekit-flavor ms", "paper-flavor ms", "selection ms", *(f"{p} ms" for p in peers),
+               *(f"{p}/ours" for p in peers)]
+    table = []
+    for r in rows:
+        t = r["ms"]
+        table.append([r["dtype"], r["size"], t["floor"], t["ties_merge"], t["ties_merge"] / t["floor"],
+                      t["task_arithmetic"], t["mergekit-flavor"], t["paper-flavor"], t["selection"],
+                      *(t[p] for p in peers), *(t[p] / t[OURS_FOR_PEER[p]] for p in peers)])
+    print(f"\nGPU, T = {args.tasks}, density {args.density}, out preallocated; do_bench medians in ms\n")
+    print(markdown_table(columns, table))
+    result = {"bench": "merge", "device": device_name, "torch": torch.__version__, "rows": rows}
+    write_json(args.json, result)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=16 * 1024 * 1024, help="elements per tensor")
@@ -487,7 +422,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocess")
     parser.add_argument("--quick", action="store_true", help="1M elements, peers at 256K, 3 repeats: a smoke run")
     parser.add_argument("--child-peak", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gpu", action="store_true", help="GPU mode: Triton on CUDA timed by do_bench")
+    parser.add_argument("--gpu-sizes", type=int, nargs="+", default=[1 << 20, 1 << 22],
+                        help="elements per tensor in GPU mode")
+    parser.add_argument("--json", default=None, help="write the GPU mode's figures to this file")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="GPU mode's device (cpu: a smoke run of the script, not GPU figures)")
     args = parser.parse_args(argv)
+    if args.gpu:
+        gpu_main(args)
+        return
     if args.child_peak:
         print(json.dumps(child_peak(args.size, args.tasks, args.density, args.dtypes, args.threads[0])))
         return
@@ -499,18 +443,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         args.budget, args.peer_budget)
 
     peers: dict[str, Merge] = {}
-    peer_lines = []
+    peer_lines: list[str] = []
     if not args.no_peers:
-        merge_utils, peft_label = load_peft_merge_utils()
-        if merge_utils is not None:
-            peers["peft"] = peft_merge(merge_utils)
-        mergekit_fn, mergekit_label = load_mergekit()
-        peers["mergekit"] = mergekit_fn
-        peers["paper-code"] = paper_code
-        peer_lines = [f"- peft: {peft_label}", f"- mergekit: {mergekit_label}",
-                      "- paper-code: inline copy of the TIES paper's ties_merging_utils.py math"]
+        peers, peer_lines = load_peers()
 
-    backend = _library.backends()
+    backend = _library.backends()["merge"]
     print(f"mtmerge {mtmerge.__version__}, torch {torch.__version__}; CPU backends: merge_fused = "
           f"{backend['merge_fused']['cpu']}, delta_threshold = {backend['delta_threshold']['cpu']}")
     print(f"T = {args.tasks} tensors of {args.size:,} elements, density {args.density}, out preallocated; "

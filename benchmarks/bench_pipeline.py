@@ -16,6 +16,7 @@ folder per ``--size``, reused while the spec in ``spec.json`` matches).
     python benchmarks/bench_pipeline.py --size tiny           # ~10M params: a smoke run (seconds)
     python benchmarks/bench_pipeline.py --no-mergekit --size small
     python benchmarks/bench_pipeline.py --mergekit-yaml /path/to/venv/bin/mergekit-yaml
+    python benchmarks/bench_pipeline.py --gpu --size small    # GPU mode: the engine's passes on CUDA
 
 What is measured: each merge runs once per ``--repeats`` in a fresh subprocess, timed from
 spawn to exit (wall clock: interpreter start-up, imports, reading, merging and writing the
@@ -575,6 +576,72 @@ def _fmt_ratio(x: float | None, suffix: str = "x") -> str:
     return "-" if x is None else f"{x:.2f}{suffix}"
 
 
+# ---- GPU mode: the engine's per-tensor passes on CUDA ----------------------------------------------
+
+
+def gpu_main(args: argparse.Namespace) -> int:
+    """The passes the pipeline's engine runs per tensor, on CUDA tensors of the model's distinct
+    shapes (bf16, 4 fine-tunes), timed with do_bench: the per-tensor TIES merge (scope "tensor",
+    mtmerge's mergekit flavor), the streaming top-k's histogram pass and the merge pass given the
+    thresholds (scope "global"), beside the floor; summed over the model's tensors as an estimate
+    of the merge's GPU time without I/O (no checkpoint is written or read)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.gpu_mode import bench_ms, floor_ms, markdown_table, require_gpu, write_json
+    from mtmerge.ops.recipe import FLAVORS, MergeRecipe
+
+    device_name = require_gpu(args.device)
+    spec = SIZES[args.size]
+    counts: dict[tuple[int, ...], int] = {}
+    for _, shape in spec.tensors():
+        counts[shape] = counts.get(shape, 0) + 1
+    weights = tuple(args.weights)
+    recipe = MergeRecipe(weights=weights, knobs=FLAVORS[args.flavor] if args.flavor in FLAVORS else FLAVORS["mergekit"],
+                         densities=(args.density,) * len(weights))
+    ops = torch.ops.mtmerge
+    print(f"GPU mode on {device_name}: size {args.size} ({spec.num_params():,} params, {len(counts)} distinct shapes), "
+          f"bf16, {len(weights)} fine-tunes, density {args.density}; do_bench medians in ms")
+    rows, totals = [], {"floor": 0.0, "tensor scope": 0.0, "histogram pass": 0.0, "merge pass": 0.0}
+    for shape, count in sorted(counts.items(), key=lambda item: -math.prod(item[0])):
+        gen = torch.Generator().manual_seed(math.prod(shape))
+        base = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        fts = [(base.float() + torch.randn(shape, generator=gen) * 0.002).to(torch.bfloat16) for _ in weights]
+        base, fts = base.to(args.device), [f.to(args.device) for f in fts]
+        out = torch.empty_like(base)
+        n = base.numel()
+        thr, cut = ops.delta_threshold(base=base, finetuned=fts, ks=recipe.ks(n), selection=recipe.selection(),
+                                       allow_nonfinite=False, consensus=None)
+        fused = dict(base=base, finetuned=fts, task_scalars=recipe.task_scalars(base.device),
+                     task_trim=recipe.task_trim(thr, cut), consensus=None, rule=recipe.rule(check_finite=False),
+                     merge_scalars=recipe.merge_scalars(base.device), out=out)
+        ms = {
+            "floor": floor_ms([base, *fts], out),
+            "tensor scope": bench_ms(lambda base=base, fts=fts, out=out: mtmerge_ties(base, fts, weights, args, out)),
+            "histogram pass": bench_ms(lambda base=base, fts=fts: ops.magnitude_histogram(
+                base=base, finetuned=fts, shift=16, bits=15, prefixes=[0] * len(fts), prefix_shift=31,
+                consensus=None)),
+            "merge pass": bench_ms(lambda fused=fused: ops.merge_fused(**fused)),
+        }
+        for key in totals:
+            totals[key] += count * ms[key]
+        rows.append({"shape": list(shape), "count": count, "ms": ms})
+    table = [[str(tuple(r["shape"])), r["count"], *(r["ms"][k] for k in totals)] for r in rows]
+    table.append(["model total", sum(r["count"] for r in rows), *totals.values()])
+    print(markdown_table(["shape", "tensors", "floor ms", "tensor-scope ties ms", "histogram pass ms",
+                          "merge pass ms"], table))
+    print(f"\nmodel: tensor-scope merge / floor = {totals['tensor scope'] / totals['floor']:.1f}; "
+          f"global scope (one histogram pass + the merge pass) / floor = "
+          f"{(totals['histogram pass'] + totals['merge pass']) / totals['floor']:.1f}")
+    write_json(args.json, {"bench": "pipeline", "device": device_name, "size": args.size, "rows": rows,
+                           "totals_ms": totals})
+    return 0
+
+
+def mtmerge_ties(base, fts, weights, args, out):
+    import mtmerge
+
+    return mtmerge.ties_merge(base, fts, args.density, list(weights), flavor=args.flavor, out=out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -598,7 +665,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     parser.add_argument("--no-compare", action="store_true", help="skip the output comparison")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged checkpoints")
+    parser.add_argument("--gpu", action="store_true",
+                        help="GPU mode: the engine's per-tensor passes on CUDA (do_bench), no checkpoints")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="GPU mode's device (cpu: a smoke run of the script, not GPU figures)")
+    parser.add_argument("--json", default=None, help="write the GPU mode's figures to this file")
     args = parser.parse_args(argv)
+    if args.gpu:
+        return gpu_main(args)
 
     spec = SIZES[args.size]
     size_dir = args.work_dir / args.size

@@ -6,6 +6,11 @@ the noise of a shared machine better than absolute times. Medians of several rep
     python benchmarks/bench_select.py                 # 16M elements, fp32 + bf16, k = 20%
     python benchmarks/bench_select.py --quick         # 1M elements, for the demo
     python benchmarks/bench_select.py --threads 1 2   # thread scaling
+    python benchmarks/bench_select.py --gpu           # GPU mode: Triton on CUDA, do_bench
+
+GPU mode (``--gpu``, sizes ``--gpu-sizes``, default 1M and 16M): the same selection on CUDA
+tensors (the Triton kernels) against ``torch.kthvalue`` / ``torch.topk`` on the GPU and the read
+floor, timed with ``triton.testing.do_bench``; ``--json PATH`` writes the figures.
 
 Baselines (on a = |x| computed once beforehand, so they are not charged for the abs):
 ``torch.kthvalue(a, n - k + 1)`` (the same threshold), ``torch.topk(a, k)``, and the read
@@ -16,13 +21,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import mtmerge
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_mode import bench_ms, markdown_table, require_gpu, write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,41 @@ def format_table(rows: list[tuple[Case, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def gpu_main(args: argparse.Namespace) -> dict:
+    device_name = require_gpu(args.device)
+    print(f"mtmerge {mtmerge.__version__}, torch {torch.__version__}, {device_name}; k = {args.density:.0%} of n; "
+          "do_bench medians in ms")
+    rows = []
+    for dtype_name in args.dtypes:
+        for n in args.gpu_sizes:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(n, generator=gen).to(getattr(torch, dtype_name)).to(args.device)
+            a = x.abs()
+            k = int(args.density * n)
+            ms = {
+                "read_floor": bench_ms(lambda x=x: x.sum()),
+                "threshold": bench_ms(lambda x=x, k=k: mtmerge.magnitude_threshold(x, k)),
+                "topk_mask": bench_ms(lambda x=x, k=k: mtmerge.topk_mask(x, k)),
+                "topk_mask_packed": bench_ms(lambda x=x, k=k: mtmerge.topk_mask(x, k, packed=True)),
+            }
+            if not args.no_baselines:
+                ms["torch.kthvalue"] = bench_ms(lambda a=a, n=n, k=k: torch.kthvalue(a.float(), n - k + 1))
+                ms["torch.topk"] = bench_ms(lambda a=a, k=k: torch.topk(a, k))
+                want = torch.kthvalue(a.float(), n - k + 1).values
+                got = mtmerge.magnitude_threshold(x, k).threshold.float()
+                if not torch.equal(want, got):
+                    raise AssertionError(f"threshold mismatch on {args.device}: torch {want.item()} vs {got.item()}")
+            rows.append({"dtype": dtype_name, "size": n, "ms": ms})
+    table = [[r["dtype"], r["size"], r["ms"]["read_floor"], r["ms"]["threshold"],
+              r["ms"]["threshold"] / r["ms"]["read_floor"], r["ms"]["topk_mask"], r["ms"]["topk_mask_packed"],
+              r["ms"].get("torch.kthvalue", float("nan")), r["ms"].get("torch.topk", float("nan"))] for r in rows]
+    print(markdown_table(["dtype", "n", "floor ms", "select ms", "x floor", "mask ms", "packed ms", "kthvalue ms",
+                          "topk ms"], table))
+    result = {"bench": "select", "device": device_name, "torch": torch.__version__, "rows": rows}
+    write_json(args.json, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numel", type=int, default=16 * 1024 * 1024)
@@ -95,7 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow-repeats", type=int, default=3, help="repeats of kthvalue/topk")
     parser.add_argument("--no-baselines", action="store_true", help="skip kthvalue/topk (slow)")
     parser.add_argument("--quick", action="store_true", help="1M elements, few repeats")
+    parser.add_argument("--gpu", action="store_true", help="GPU mode: Triton on CUDA timed by do_bench")
+    parser.add_argument("--gpu-sizes", type=int, nargs="+", default=[1 << 20, 1 << 24])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="GPU mode's device (cpu: a smoke run of the script, not GPU figures)")
+    parser.add_argument("--json", default=None, help="write the GPU mode's figures to this file")
     args = parser.parse_args(argv)
+    if args.gpu:
+        gpu_main(args)
+        return
     if args.quick:
         args.numel, args.repeats, args.slow_repeats = 1 << 20, 5, 1
 

@@ -1,10 +1,13 @@
 """Shared test set-up.
 
-Triton kernels are tested on the CPU with the Triton interpreter when no GPU is present;
-TRITON_INTERPRET must be set before triton is first imported, hence at the top of this file.
+Triton kernels are tested on the CPU with the Triton interpreter when no GPU is present, and
+compiled on the GPU when one is (``make gpu-check``); TRITON_INTERPRET must be set before triton
+is first imported, hence at the top of this file, and only when there is no GPU.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -13,7 +16,14 @@ if not torch.cuda.is_available():
 
 import pytest
 
-# Tolerances per dtype for ops that compute in floating point (selection ops are exact).
+# `tests.peers`, `tests.ops.merge.helpers`: importable however pytest was started
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Tolerances per dtype for ops that compute in floating point with a documented tolerance
+# (peers, formulas); kernels that promise a fixed sequence of float32 operations are compared
+# bit for bit.
 TOLERANCES = {
     torch.float32: {"atol": 1e-5, "rtol": 1.3e-6},
     torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2},
