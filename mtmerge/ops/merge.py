@@ -407,7 +407,7 @@ def ties(
                        zero_sign=zero_sign, merge=merge, divisor=divisor)
     recipe = MergeRecipe(weights=tuple(check.weights(weights, len(xs))), knobs=knobs,
                          densities=tuple(check.densities(density, len(xs))), allow_nonfinite=bool(allow_nonfinite))
-    return _run(recipe, None, xs, check.out_buffer(out, xs[0]))
+    return _run(recipe, None, xs, check.out_buffer(out, xs[0]), names=("base", "task_vectors"))
 
 
 def magnitude_prune(
@@ -432,7 +432,7 @@ def magnitude_prune(
     d = check.densities(density, 1)
     recipe = MergeRecipe(weights=(1.0,), densities=tuple(d), allow_nonfinite=bool(allow_nonfinite))
     return _run(recipe, None, xs, check.out_buffer(out, task_vector), ks=[k_for(d[0], task_vector.numel(), k_rule)],
-                selection=selection)
+                selection=selection, names=("base", ["task_vector"]))
 
 
 def _dare_recipe(xs, density, weights, seed, rescale, allow_nonfinite, knobs=None, task_offset=0) -> MergeRecipe:
@@ -475,8 +475,9 @@ def dare(
     densities = check.densities(density, len(xs))
     recipes = [_dare_recipe([x], densities[t], [1.0], seed, rescale, allow_nonfinite, task_offset=t)
                for t, x in enumerate(xs)]
-    return [r.merge(None, [x], torch.empty_like(x, memory_format=torch.contiguous_format))
-            for r, x in zip(recipes, xs, strict=True)]
+    return [r.merge(None, [x], torch.empty_like(x, memory_format=torch.contiguous_format),
+                    names=("base", [f"task_vectors[{t}]"]))
+            for t, (r, x) in enumerate(zip(recipes, xs, strict=True))]
 
 
 def dare_linear(
@@ -498,7 +499,7 @@ def dare_linear(
         total = sum(w)
         w = [v / total for v in w] if abs(total) >= 1e-8 else w
     recipe = _dare_recipe(xs, density, w, seed, rescale, allow_nonfinite)
-    return recipe.merge(None, xs, check.out_buffer(out, xs[0]))
+    return recipe.merge(None, xs, check.out_buffer(out, xs[0]), names=("base", "task_vectors"))
 
 
 def dare_ties(
@@ -525,7 +526,7 @@ def dare_ties(
     knobs = _tie_knobs(flavor, elect=elect, elect_weighted=elect_weighted, zero_sign=zero_sign, merge=merge,
                        divisor=divisor)
     recipe = _dare_recipe(xs, density, check.weights(weights, len(xs)), seed, rescale, allow_nonfinite, knobs)
-    return recipe.merge(None, xs, check.out_buffer(out, xs[0]))
+    return recipe.merge(None, xs, check.out_buffer(out, xs[0]), names=("base", "task_vectors"))
 
 
 def tall_masks(

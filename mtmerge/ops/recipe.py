@@ -109,6 +109,30 @@ def k_for(density: float, n: int, k_rule: str = "floor") -> int:
     return min(k, n)
 
 
+def _input_labels(names: tuple[str, str | list[str]], count: int) -> list[str]:
+    """The caller's labels of base and of each finetuned tensor."""
+    labels = names[1] if isinstance(names[1], list) else [f"{names[1]}[{t}]" for t in range(count)]
+    return [names[0], *labels]
+
+
+def _raise_if_nonfinite(base: Tensor | None, finetuned: list[Tensor], names, cause) -> None:
+    """On the error path of a pass that refused NaN/Inf: find the first input holding them and
+    raise ValueError with the caller's name for it (the ops only know their own argument names)."""
+    labels = _input_labels(names, len(finetuned))
+    inputs = list(zip(labels, [base, *finetuned], strict=True))
+    for name, x in inputs:
+        if x is not None:
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise ValueError(f"{name} contains {bad} NaN or Inf value(s); pass allow_nonfinite=True to merge "
+                                 "anyway") from cause
+    if base is not None:  # finite inputs whose difference overflows to Inf
+        for t, f in enumerate(finetuned):
+            if not bool(torch.isfinite(f.float() - base.float()).all()):
+                raise ValueError(f"{labels[t + 1]} - {labels[0]} overflows to Inf in float32; pass "
+                                 "allow_nonfinite=True to merge anyway") from cause
+
+
 def threshold_keys(thresholds: Tensor) -> Tensor:
     """int64 magnitude keys (float32 bit patterns of ``|t|``) of float thresholds, on their device."""
     return thresholds.detach().float().abs().contiguous().view(torch.int32).to(torch.int64)
@@ -256,14 +280,23 @@ class MergeRecipe:
         with_base: bool = True,
         ks: list[int] | None = None,
         selection: str | None = None,
+        names: tuple[str, str | list[str]] = ("base", "finetuned"),
     ) -> Tensor:
         """Every pass of this recipe over one tensor, into ``out``.
 
         ``trim``: per-task ``(thresholds, tie_cutoffs)`` computed elsewhere; by default the
         magnitude trim runs ``delta_threshold`` here (which also rejects NaN/Inf task vectors
         unless ``allow_nonfinite``) with ``ks`` (default :meth:`ks`) and ``selection`` (default
-        :meth:`selection`); other sparsifiers keep everything.
+        :meth:`selection`); other sparsifiers keep everything. ``names``: the caller's names of
+        ``base`` and ``finetuned`` (a name, or a list of one label per tensor), for the NaN/Inf error.
         """
+        try:
+            return self._passes(base, finetuned, out, trim, consensus, with_base, ks, selection)
+        except ValueError as exc:  # a NaN/Inf check in a pass: name the caller's input
+            _raise_if_nonfinite(base, finetuned, names, cause=exc)
+            raise
+
+    def _passes(self, base, finetuned, out, trim, consensus, with_base, ks, selection) -> Tensor:
         device = finetuned[0].device
         ops = torch.ops.mtmerge
         checked = False  # did a pass before the merge check every input entry for NaN/Inf?

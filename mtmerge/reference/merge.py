@@ -147,7 +147,8 @@ def threshold_mask(
     masks = list(torch.split(keep, [x.numel() for x in xs]))
     if packed:
         return [pack_bits(m) for m in masks]
-    return [m.reshape(x.shape) for m, x in zip(masks, xs, strict=True)]
+    # clone: an op's outputs must not be views of one another (opcheck checks aliasing)
+    return [m.reshape(x.shape).clone() for m, x in zip(masks, xs, strict=True)]
 
 
 # =============================================================================================
@@ -559,13 +560,11 @@ def tall_masks(
     base: Tensor | None, finetuned: Sequence[Tensor], merged: Tensor, lams: Sequence[float]
 ) -> Tensor:
     """uint8 ``[T, ceil(n/8)]``: packed ``m_t = |tau_t| > lam_t * |merged - tau_t|`` (float32)."""
+    if not finetuned:
+        raise ValueError("finetuned must hold at least one tensor")
     deltas = task_deltas(base, finetuned)
     mtl = merged.reshape(-1).float()
-    rows = [pack_bits(d.abs() > lams[t] * (mtl - d).abs()) for t, d in enumerate(deltas)]
-    n = merged.numel()
-    if not rows:
-        return torch.zeros((0, (n + 7) // 8), dtype=torch.uint8, device=merged.device)
-    return torch.stack(rows)
+    return torch.stack([pack_bits(d.abs() > lams[t] * (mtl - d).abs()) for t, d in enumerate(deltas)])
 
 
 def consensus_mask(masks: Tensor, k: int = 2) -> Tensor:
