@@ -2,7 +2,7 @@
 
 Subcommands: ``info`` (build facts, op backends), ``merge CONFIG.yaml -o OUT_DIR`` (the
 streaming checkpoint merge, :func:`mtmerge.merge_checkpoints`; under ``torchrun`` it runs
-distributed) and ``demo`` (the bundled demo, ``mtmerge/demo.py``, imported only when run).
+distributed) and ``demo`` (the bundled demo, the package ``mtmerge/demo/``, imported only when run).
 Errors a user can fix (bad config, mismatched checkpoints, existing output, disk space) print
 one line and exit with 1, without a traceback.
 """

@@ -1,4 +1,4 @@
-"""``mtmerge demo`` (mtmerge/demo.py) in ``--quick`` mode: table structure, sane accuracies, caching."""
+"""``mtmerge demo`` (the package mtmerge/demo/) in ``--quick`` mode: table structure, sane accuracies, caching."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ import torch
 from mtmerge.merging.checkpoint import ST_DTYPES, TORCH_TO_ST, Checkpoint, TensorInfo
 from mtmerge.merging.config import MergeConfig
 from mtmerge.merging.writer import ShardLayout, format_bytes, shard_layouts
-from mtmerge.ops.merge import FLAVORS, _k_for
+from mtmerge.ops.recipe import FLAVORS, k_for
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 SUBBLOCK = 1 << 18  # elements per temporary block of the histogram passes (multiple of 8)
@@ -315,7 +315,7 @@ def _needs_selection(config: MergeConfig, tp_name: str, numel: int) -> bool:
         return True
     knobs = FLAVORS[config.flavor]
     for d in config.densities(tp_name):
-        k = _k_for(d, numel, knobs.k_rule)
+        k = k_for(d, numel, knobs.k_rule)
         if knobs.selection == "geq" or 0 < k < numel:
             return True
     return False

@@ -51,11 +51,11 @@ def test_two_ranks_write_the_single_process_bytes(tmp_path, monkeypatch):
         "dare_ties": config("dare_ties", base, dirs, seed=9),
         "paper_global": config("consensus_ties", base, dirs, scope="global", flavor="paper"),
     }
-    from mtmerge.merging import run
+    from mtmerge.merging.streaming_topk import Selection
 
     allocations = []
-    original = run._Selection.to_allocate
-    monkeypatch.setattr(run._Selection, "to_allocate", lambda self: allocations.append(original(self)) or
+    original = Selection.to_allocate
+    monkeypatch.setattr(Selection, "to_allocate", lambda self: allocations.append(original(self)) or
                         allocations[-1])
     paths = {}
     for name, cfg in configs.items():

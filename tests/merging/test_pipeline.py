@@ -15,7 +15,7 @@ from safetensors import safe_open
 import mtmerge
 from mtmerge import cli
 from mtmerge.merging import dare_seed, merge_checkpoints
-from mtmerge.ops.merge import _run_merge
+from mtmerge.ops.recipe import MergeRecipe
 from tests.merging.conftest import INT_TENSOR, PYTHON, SHAPES, config, make_family, python_env, save_checkpoint
 
 METHODS = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "consensus_ties", "consensus_task_arithmetic"]
@@ -49,8 +49,8 @@ def direct(method: str, name: str, b, fts, w, d, lam, *, flavor="mergekit", norm
         return mtmerge.ties_merge(b, fts, d, w, lam, flavor=flavor, merge=merge, sparsify="dare",
                                   seed=dare_seed(seed, name), rescale=rescale)
     if method == "dare_linear":
-        return _run_merge(b, fts, out=torch.empty_like(b), weights=w, densities=d, lam=lam, knobs=None,
-                          sparsify="dare", seed=dare_seed(seed, name), rescale=rescale)
+        return MergeRecipe(weights=tuple(w), lam=lam, sparsify="dare", densities=tuple(d), seed=dare_seed(seed, name),
+                           rescale=rescale).merge(b, fts, torch.empty_like(b))
     if method == "consensus_ties":
         return mtmerge.consensus_merge(b, fts, w, lam, method="ties", density=d, flavor=flavor, merge=merge)
     return mtmerge.consensus_merge(b, fts, w, lam, method="task_arithmetic")

@@ -1,0 +1,7 @@
+"""``python -m mtmerge.demo``: the same as ``mtmerge demo``."""
+
+import sys
+
+from mtmerge.demo.command import main
+
+sys.exit(main())
