@@ -1,4 +1,5 @@
-"""Triton kernels of mtmerge, one module per op family; installed as ``mtmerge.kernels``.
+"""Triton kernels of mtmerge, one package or module per op family; installed as ``mtmerge.kernels``.
 
-Importing a family module imports triton (an optional dependency: ``pip install mtmerge[triton]``).
+``merge/``: the merge family (selection, trim, DARE, the fused merge, histograms, masks).
+Importing a family imports triton (an optional dependency: ``pip install mtmerge[triton]``).
 """

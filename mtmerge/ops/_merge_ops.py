@@ -114,7 +114,7 @@ def _task_arithmetic_fake(base, finetuned, weights, lam):
     _check_tasks(base, finetuned, dtypes=(*_FLOATS, torch.float64))
     torch._check(weights.dim() == 1 and weights.numel() == len(finetuned),
                  lambda: f"weights must be 1-D with one entry per task ({len(finetuned)})")
-    torch._check(lam.numel() == 1, lambda: "lam must hold one value")
+    torch._check(lam.dim() == 0, lambda: f"lam must be a 0-d tensor, got shape {tuple(lam.shape)}")
     return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
