@@ -1,7 +1,8 @@
-// The Python module `mtmerge._C`: build facts for `mtmerge info`.
+// The Python module `mtmerge._C`: build facts for `mtmerge info`, and the merge selection's
+// path counters and window ISA (merge/select_stats.h) for tests.
 //
 // The ops themselves are registered with the dispatcher by TORCH_LIBRARY_IMPL blocks in
-// each family's sources (e.g. csrc/merge/select.cpp); importing this module loads them.
+// each family's bindings.cpp (e.g. csrc/merge/bindings.cpp); importing this module loads them.
 #include <pybind11/pybind11.h>
 
 #include <string>
@@ -11,6 +12,7 @@
 #endif
 
 #include "common/simd.h"
+#include "merge/select_stats.h"
 
 namespace py = pybind11;
 
@@ -80,9 +82,24 @@ py::dict build_info() {
   return info;
 }
 
+py::dict selection_stats() {
+  const mtmerge::merge::SelectionStats& s = mtmerge::merge::selection_stats;
+  py::dict stats;
+  stats["window_hits"] = s.window_hits.load();
+  stats["bracket_misses"] = s.bracket_misses.load();
+  stats["window_overflows"] = s.window_overflows.load();
+  stats["single_key_brackets"] = s.single_key_brackets.load();
+  stats["traced_cutoffs"] = s.traced_cutoffs.load();
+  return stats;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mtmerge compiled kernels; ops are reached through torch.ops.mtmerge";
   m.def("build_info", &build_info, "Compiler, flags, OpenMP and CPU features of this build.");
+  m.def("selection_stats", &selection_stats, "Counts of the merge selection's paths since the last reset.");
+  m.def("reset_selection_stats", [] { mtmerge::merge::selection_stats.reset(); }, "Zero the selection counters.");
+  m.def("window_isa", [] { return std::string(mtmerge::merge::window_isa_name()); },
+        "The window pass in use: avx512f, avx2 or default (capped by MTMERGE_MAX_ISA).");
 }

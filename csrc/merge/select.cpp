@@ -2,11 +2,12 @@
 //   mtmerge::magnitude_threshold(Tensor[] xs, int k, str selection) -> (Tensor, Tensor)
 //   mtmerge::threshold_mask(Tensor[] xs, Tensor threshold, Tensor ties_kept, str selection,
 //                           bool packed) -> Tensor[]
-// Semantics: mtmerge/reference/merge.py. Schemas: mtmerge/_library.py.
-//
+// Semantics: mtmerge/reference/merge.py. Schemas: mtmerge/ops/_merge_ops.py.
 //
 // The selection machinery (radix passes, sampled window fast path) is in select.h.
 #include "merge/select.h"
+
+#include "merge/ops.h"
 
 namespace mtmerge {
 namespace {
@@ -86,6 +87,10 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_impl(const std::vector<at
   return {threshold, ties_kept};
 }
 
+}  // namespace
+
+namespace merge {
+
 std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList xs, int64_t k,
                                                            c10::string_view selection) {
   const Selection sel = parse_selection(selection);
@@ -95,9 +100,13 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList xs, in
   return magnitude_threshold_impl<uint16_t, Loops16>(inputs, k, sel);
 }
 
+}  // namespace merge
+
 // ---------------------------------------------------------------------------------------
 // Op: threshold_mask
 // ---------------------------------------------------------------------------------------
+
+namespace {
 
 // A block never spans two tensors and starts at a multiple of 8 inside its tensor, so
 // packed blocks own whole bytes.
@@ -166,16 +175,22 @@ std::vector<at::Tensor> threshold_mask_impl(const std::vector<at::Tensor>& xs, a
   return masks;
 }
 
+}  // namespace
+
+namespace merge {
+
 std::vector<at::Tensor> threshold_mask_cpu(at::TensorList xs, const at::Tensor& threshold,
                                            const at::Tensor& ties_kept, c10::string_view selection,
                                            bool packed) {
   const Selection sel = parse_selection(selection);
   const std::vector<at::Tensor> inputs = contiguous_inputs(xs);
-  TORCH_CHECK_VALUE(threshold.numel() == 1 && threshold.scalar_type() == inputs[0].scalar_type(),
-                    "threshold must be a one-element tensor of x's dtype ", inputs[0].scalar_type(),
-                    ", got ", threshold.scalar_type(), " with ", threshold.numel(), " elements");
-  TORCH_CHECK_VALUE(ties_kept.numel() == 1 && ties_kept.scalar_type() == at::kLong,
-                    "ties_kept must be a one-element int64 tensor");
+  TORCH_CHECK_TYPE(threshold.scalar_type() == inputs[0].scalar_type(), "threshold must have x's dtype ",
+                   inputs[0].scalar_type(), ", got ", threshold.scalar_type());
+  TORCH_CHECK_VALUE(threshold.numel() == 1, "threshold must be a one-element tensor, got ", threshold.numel(),
+                    " elements");
+  TORCH_CHECK_TYPE(ties_kept.scalar_type() == at::kLong, "ties_kept must be int64, got ", ties_kept.scalar_type());
+  TORCH_CHECK_VALUE(ties_kept.numel() == 1, "ties_kept must be a one-element tensor, got ", ties_kept.numel(),
+                    " elements");
   const at::Tensor t = threshold.cpu();
   const int64_t ties = ties_kept.cpu().item<int64_t>();
   TORCH_CHECK_VALUE(ties >= 0, "ties_kept must be >= 0, got ", ties);
@@ -184,11 +199,5 @@ std::vector<at::Tensor> threshold_mask_cpu(at::TensorList xs, const at::Tensor& 
   return threshold_mask_impl<uint16_t, Loops16>(inputs, xs, t, ties, sel, packed);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mtmerge, CPU, m) {
-  m.impl("magnitude_threshold", &magnitude_threshold_cpu);
-  m.impl("threshold_mask", &threshold_mask_cpu);
-}
-
+}  // namespace merge
 }  // namespace mtmerge

@@ -1,5 +1,5 @@
 // Radix selection of the k-th largest magnitude, shared by the merge kernels
-// (select.cpp: magnitude_threshold / threshold_mask; ties.cpp: the fused merge).
+// (select.cpp: magnitude_threshold / threshold_mask; trim.cpp: delta_threshold).
 //
 // Radix selection on bit patterns. For IEEE floats with the sign bit cleared, the unsigned
 // integer order of the bit pattern is the order of |x| (+inf included; NaN sorts above inf
@@ -17,7 +17,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -32,7 +31,9 @@
 #include <string_view>
 #include <vector>
 
+#include "common/constants.h"
 #include "common/simd.h"
+#include "merge/select_stats.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -293,15 +294,19 @@ template <typename K>
 using WindowFn = void (*)(const K*, int64_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t*, WindowTally&);
 
 // The best window pass for this CPU, chosen once at run time. MTMERGE_MAX_ISA=avx2 or
-// =default caps the choice (tests use it to run every version on one machine).
+// =default caps the choice (tests use it to run every version on one machine; see
+// select_stats.h).
 template <typename K>
 WindowFn<K> best_window_fn() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  const char* cap_env = std::getenv("MTMERGE_MAX_ISA");
-  const std::string_view cap = cap_env ? cap_env : "";
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && (cap.empty() || cap == "avx512f")) return &window_avx512<K>;
-  if (__builtin_cpu_supports("avx2") && cap != "default") return &window_avx2<K>;
+  switch (merge::window_isa()) {
+    case merge::WindowIsa::kAvx512:
+      return &window_avx512<K>;
+    case merge::WindowIsa::kAvx2:
+      return &window_avx2<K>;
+    default:
+      break;
+  }
 #endif
   return &window_scalar<K>;
 }
@@ -344,7 +349,7 @@ struct KeyFormat {
 KeyFormat key_format(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:  // 31 bits: 11 + 11 + 9; 2048 bins of uint32 fit in L1
-      return {0x7fffffffu, 0x7f800000u, {{20, 11}, {9, 11}, {0, 9}}};
+      return {0x7fffffffu, constants::kF32InfKey, {{20, 11}, {9, 11}, {0, 9}}};
     case at::kBFloat16:  // 15 bits: 11 + 4
       return {0x7fffu, 0x7f80u, {{4, 11}, {0, 4}}};
     case at::kHalf:
@@ -382,7 +387,7 @@ struct KeySegments {
 constexpr int64_t kGrain = int64_t(1) << 16;
 
 // Source: anything with total() and for_each_piece(begin, end, fn(const K*, len)) -- a
-// KeySegments, or a view that computes keys on the fly (ties.cpp's task-vector source).
+// KeySegments, or a view that computes keys on the fly (task_inputs.h's TaskKeySource).
 template <typename K, typename Loops, typename Source>
 std::vector<int64_t> parallel_histogram(const Source& segs, const KeyFormat& fmt,
                                         uint32_t prefix, uint32_t prefix_mask, Digit digit,
@@ -518,6 +523,7 @@ bool window_bracket(const Source& segs, const KeyFormat& fmt, int64_t rank, uint
   };
   *hi_out = top <= 0 ? fmt.inf_key : largest(top);
   *lo_out = bottom >= kSample - 1 ? 0u : largest(bottom);
+  if (*lo_out == *hi_out) merge::bump(merge::selection_stats.single_key_brackets);
   return true;
 }
 
@@ -556,7 +562,10 @@ bool select_with_window(const Source& segs, const KeyFormat& fmt, int64_t rank, 
     total.nan += tally.nan;
     if (!full) candidates.insert(candidates.end(), local.get(), local.get() + tally.kept);
   });
-  if (overflow) return false;
+  if (overflow) {
+    merge::bump(merge::selection_stats.window_overflows);
+    return false;
+  }
   return finish_window(fmt, rank, total, candidates, lo, hi, result);
 }
 
@@ -564,7 +573,11 @@ inline bool finish_window(const KeyFormat& fmt, int64_t rank, const WindowTally&
                           std::vector<uint32_t>& candidates, uint32_t lo, uint32_t hi, Selected* result) {
   reject_nan(total.nan);
   const int64_t in_window = int64_t(candidates.size());
-  if (!(total.above < rank && rank <= total.above + in_window)) return false;  // the bracket missed
+  if (!(total.above < rank && rank <= total.above + in_window)) {  // the bracket missed
+    merge::bump(merge::selection_stats.bracket_misses);
+    return false;
+  }
+  merge::bump(merge::selection_stats.window_hits);
 
   KeySegments<uint32_t> window_keys;
   window_keys.data = {candidates.data()};
