@@ -301,7 +301,8 @@ def run_case(dtype_name: str, threads: int, s: Settings, peers: dict[str, Merge]
         row.times[name] = median_seconds(fn, s.repeats, budget=s.budget)
     ks = [int(s.density * base.numel())] * len(fts)
     row.times["selection"] = median_seconds(
-        lambda: torch.ops.mtmerge.delta_threshold(base, fts, ks, "exact", False, None), s.repeats, budget=s.budget)
+        lambda: torch.ops.mtmerge.delta_threshold(base=base, finetuned=fts, ks=ks, selection="exact",
+                                                  allow_nonfinite=False, consensus=None), s.repeats, budget=s.budget)
     if not peers:
         return row
     if s.peers_size != s.size:

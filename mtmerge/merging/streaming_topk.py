@@ -100,8 +100,8 @@ class Selection:
         array (zeros for the other tasks)."""
         out = np.zeros((len(self.ks), 1 << bits), dtype=np.int64)
         if tasks:
-            rows = torch.ops.mtmerge.magnitude_histogram(base, [xs[t] for t in tasks], shift=shift, bits=bits,
-                                                         prefixes=prefixes, prefix_shift=prefix_shift,
+            rows = torch.ops.mtmerge.magnitude_histogram(base=base, finetuned=[xs[t] for t in tasks], shift=shift,
+                                                         bits=bits, prefixes=prefixes, prefix_shift=prefix_shift,
                                                          consensus=cons)
             out[tasks] = rows.cpu().numpy()  # host sync: the histogram steers the selection
         return out
