@@ -14,9 +14,13 @@ from tests.merging.conftest import PYTHON, config, make_family, python_env
 
 
 def _start(cfg_path: Path, out: Path, *extra: str, slowdown: str = "0.3") -> subprocess.Popen:
+    # A shell without job control starts background commands with SIGINT ignored, and a child
+    # inherits that (Python then installs no KeyboardInterrupt handler): restore the default,
+    # as an interactive terminal has it, whatever started the tests.
     return subprocess.Popen([PYTHON, "-m", "mtmerge", "merge", str(cfg_path), "-o", str(out), "--no-progress", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=python_env(MTMERGE_MERGE_SLOWDOWN=slowdown))
+                            env=python_env(MTMERGE_MERGE_SLOWDOWN=slowdown),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_mid_merge(proc: subprocess.Popen, parent: Path, timeout: float = 120.0) -> Path:
