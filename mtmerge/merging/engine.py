@@ -68,7 +68,7 @@ from mtmerge.merging.plan import COMPUTE_DTYPES, CONSENSUS_BLOCK, MergePlan, Ten
 from mtmerge.merging.progress import Progress
 from mtmerge.merging.streaming_topk import Selection, Ties
 from mtmerge.merging.writer import ShardWriter
-from mtmerge.ops.recipe import MergeRecipe, resolve_knobs
+from mtmerge.ops.recipe import MergeRecipe, normalized, resolve_knobs
 
 Chunk = tuple[torch.Tensor, list[torch.Tensor]]  # (base, models) of one chunk, 1-D, compute dtype
 _ops = torch.ops.mtmerge
@@ -189,9 +189,7 @@ class Engine:
         else:
             knobs = None
             if normalize:
-                total = sum(w)
-                if abs(total) >= 1e-8:
-                    w = [v / total for v in w]
+                w = normalized(w)
         return MergeRecipe(weights=tuple(w), lam=cfg.lam(name), knobs=knobs, sparsify=cfg.sparsify,
                            densities=tuple(cfg.densities(name)), rescale=cfg.rescale(name),
                            seed=dare_seed(cfg.seed, name), task_offset=0)
@@ -270,10 +268,7 @@ class Engine:
             st.fixed_trim = recipe.task_trim(*recipe.keep_all(device))
             return st.fixed_trim
         if st.sel is None:  # one chunk, tensor scope: the fused selection op
-            thresholds, cutoffs = _ops.delta_threshold(base=base, finetuned=xs, ks=recipe.ks(tp.numel),
-                                                       selection=recipe.selection(),
-                                                       allow_nonfinite=recipe.allow_nonfinite, consensus=cons)
-            st.fixed_trim = recipe.task_trim(thresholds, cutoffs)
+            st.fixed_trim = recipe.task_trim(*recipe.select(base, xs, cons))
             return st.fixed_trim
         sel, gid = st.sel, tp.first_chunk + ci
         alloc = sel.to_allocate()

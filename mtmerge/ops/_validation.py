@@ -187,3 +187,17 @@ def consensus_bits(consensus: Tensor | None, n: int, device) -> Tensor | None:
     if consensus.device != device:
         raise ValueError(f"consensus is on {consensus.device} but the inputs are on {device}")
     return consensus.reshape(-1).contiguous()
+
+
+def raise_if_nonfinite(inputs: Sequence[tuple[str, Tensor | None]], cause: BaseException | None = None) -> None:
+    """Raise ValueError naming the first ``(label, tensor)`` of ``inputs`` that holds NaN or Inf.
+
+    A data check, for the error path of a pass that refused NaN/Inf and for paths without a
+    fused check; it reads the tensors back to the host.
+    """
+    for label, x in inputs:
+        if x is not None:
+            bad = int((~torch.isfinite(x.detach())).sum())
+            if bad:
+                raise ValueError(f"{label} contains {bad} NaN or Inf value(s); pass allow_nonfinite=True to merge "
+                                 "anyway") from cause

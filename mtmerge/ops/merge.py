@@ -28,6 +28,7 @@ from mtmerge.ops.recipe import (
     MergeRecipe,
     TiesKnobs,
     k_for,
+    normalized,
     resolve_knobs,
 )
 
@@ -161,11 +162,7 @@ def _task_arithmetic_autograd(base, xs, weights, lam, out, allow_nonfinite) -> T
     else:
         lam_t = torch.tensor(check.finite_float(lam, "lam"), dtype=compute, device=base.device)
     if not allow_nonfinite:
-        for name, x in [("base", base)] + [(f"finetuned[{t}]", f) for t, f in enumerate(xs)]:
-            bad = int((~torch.isfinite(x.detach())).sum())
-            if bad:
-                raise ValueError(f"{name} contains {bad} NaN or Inf value(s); pass allow_nonfinite=True to merge "
-                                 "anyway")
+        check.raise_if_nonfinite([("base", base)] + [(f"finetuned[{t}]", f) for t, f in enumerate(xs)])
     return torch.ops.mtmerge.task_arithmetic(base=base, finetuned=xs, weights=weights_t.contiguous(), lam=lam_t)
 
 
@@ -175,10 +172,6 @@ def _check_scope(scope: str, thresholds) -> None:
         raise ValueError("scope='global' trims each task over the whole model, which one tensor cannot see: pass "
                          "thresholds= computed over the model (e.g. magnitude_threshold over all its task-vector "
                          "tensors), or merge checkpoints with mtmerge.merge_checkpoints and `scope: global`")
-
-
-def _tie_knobs(flavor, **knobs) -> TiesKnobs:
-    return resolve_knobs(flavor, **knobs)
 
 
 def _run(recipe: MergeRecipe, base, xs, out, *, thresholds=None, consensus=None, **kwargs) -> Tensor:
@@ -269,7 +262,7 @@ def ties_merge(
     """
     xs = check.task_inputs(base, finetuned)
     _check_scope(scope, thresholds)
-    knobs = _tie_knobs(flavor, selection=selection, elect=elect, elect_weighted=elect_weighted,
+    knobs = resolve_knobs(flavor, selection=selection, elect=elect, elect_weighted=elect_weighted,
                        zero_sign=zero_sign, merge=merge, divisor=divisor)
     check.choice(sparsify, ("magnitude", "dare", "none"), "sparsify")
     recipe = MergeRecipe(weights=tuple(check.weights(weights, len(xs))), lam=check.finite_float(lam, "lam"),
@@ -314,7 +307,7 @@ def ties(
     """
     xs = check.task_inputs(None, task_vectors, "task_vectors")
     _check_scope(scope, None)
-    knobs = _tie_knobs(flavor, selection=selection, elect=elect, elect_weighted=elect_weighted,
+    knobs = resolve_knobs(flavor, selection=selection, elect=elect, elect_weighted=elect_weighted,
                        zero_sign=zero_sign, merge=merge, divisor=divisor)
     recipe = MergeRecipe(weights=tuple(check.weights(weights, len(xs))), knobs=knobs,
                          densities=tuple(check.densities(density, len(xs))), allow_nonfinite=bool(allow_nonfinite))
@@ -348,7 +341,7 @@ def magnitude_prune(
 
 def _dare_recipe(xs, density, weights, seed, rescale, allow_nonfinite, knobs=None, task_offset=0) -> MergeRecipe:
     return MergeRecipe(weights=tuple(weights), knobs=knobs, sparsify="dare",
-                       densities=tuple(check.densities(density, len(xs))) if len(xs) > 0 else (),
+                       densities=tuple(check.densities(density, len(xs))),
                        rescale=check.choice(rescale, ("inverse", "l1", "none"), "rescale"), seed=check.seed(seed),
                        task_offset=task_offset, allow_nonfinite=bool(allow_nonfinite))
 
@@ -407,8 +400,7 @@ def dare_linear(
     xs = check.task_inputs(None, task_vectors, "task_vectors")
     w = check.weights(weights, len(xs))
     if normalize:
-        total = sum(w)
-        w = [v / total for v in w] if abs(total) >= 1e-8 else w
+        w = normalized(w)
     recipe = _dare_recipe(xs, density, w, seed, rescale, allow_nonfinite)
     return recipe.merge(None, xs, check.out_buffer(out, xs[0]), names=("base", "task_vectors"))
 
@@ -434,7 +426,7 @@ def dare_ties(
     mergekit's ``dare_ties`` (which does not normalize by default) is ``flavor="mergekit",
     merge="sum", rescale="l1"`` up to the random mask. Knobs as :func:`ties`."""
     xs = check.task_inputs(None, task_vectors, "task_vectors")
-    knobs = _tie_knobs(flavor, elect=elect, elect_weighted=elect_weighted, zero_sign=zero_sign, merge=merge,
+    knobs = resolve_knobs(flavor, elect=elect, elect_weighted=elect_weighted, zero_sign=zero_sign, merge=merge,
                        divisor=divisor)
     recipe = _dare_recipe(xs, density, check.weights(weights, len(xs)), seed, rescale, allow_nonfinite, knobs)
     return recipe.merge(None, xs, check.out_buffer(out, xs[0]), names=("base", "task_vectors"))

@@ -17,6 +17,7 @@ Nothing here reads a tensor back to the host, so on CUDA the sequence runs witho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from mtmerge._constants import (
     RULE_LENGTH,
 )
 from mtmerge._rng import dare_keep_threshold, dare_task_key
+from mtmerge.ops._validation import raise_if_nonfinite
 
 SELECTIONS = ("exact", "geq")
 ELECTS = ("sum", "count")
@@ -119,18 +121,19 @@ def _raise_if_nonfinite(base: Tensor | None, finetuned: list[Tensor], names, cau
     """On the error path of a pass that refused NaN/Inf: find the first input holding them and
     raise ValueError with the caller's name for it (the ops only know their own argument names)."""
     labels = _input_labels(names, len(finetuned))
-    inputs = list(zip(labels, [base, *finetuned], strict=True))
-    for name, x in inputs:
-        if x is not None:
-            bad = int((~torch.isfinite(x)).sum())
-            if bad:
-                raise ValueError(f"{name} contains {bad} NaN or Inf value(s); pass allow_nonfinite=True to merge "
-                                 "anyway") from cause
+    raise_if_nonfinite(list(zip(labels, [base, *finetuned], strict=True)), cause=cause)
     if base is not None:  # finite inputs whose difference overflows to Inf
         for t, f in enumerate(finetuned):
             if not bool(torch.isfinite(f.float() - base.float()).all()):
                 raise ValueError(f"{labels[t + 1]} - {labels[0]} overflows to Inf in float32; pass "
                                  "allow_nonfinite=True to merge anyway") from cause
+
+
+def normalized(weights: Sequence[float]) -> list[float]:
+    """``weights`` divided by their sum (mergekit's ``normalize``), unchanged when the sum is
+    below 1e-8 in magnitude."""
+    total = sum(weights)
+    return [w / total for w in weights] if abs(total) >= 1e-8 else list(weights)
 
 
 def threshold_keys(thresholds: Tensor) -> Tensor:
@@ -269,6 +272,17 @@ class MergeRecipe:
             fill = torch.sign(sign_total.to(device=device, dtype=torch.float32)).reshape(1)
         return torch.cat([lam, fill])
 
+    def select(self, base: Tensor | None, finetuned: list[Tensor], consensus: Tensor | None = None, *,
+               ks: list[int] | None = None, selection: str | None = None) -> tuple[Tensor, Tensor]:
+        """The magnitude trim of one piece: ``delta_threshold``'s per-task ``(thresholds,
+        tie_cutoffs)`` for ``ks`` (default :meth:`ks` of the piece's size) and ``selection``
+        (default :meth:`selection`). Raises ValueError for NaN (and Inf unless
+        ``allow_nonfinite``) in a task vector."""
+        return torch.ops.mtmerge.delta_threshold(base=base, finetuned=finetuned,
+                                                 ks=ks or self.ks(finetuned[0].numel()),
+                                                 selection=selection or self.selection(),
+                                                 allow_nonfinite=self.allow_nonfinite, consensus=consensus)
+
     def merge(
         self,
         base: Tensor | None,
@@ -301,9 +315,7 @@ class MergeRecipe:
         ops = torch.ops.mtmerge
         checked = False  # did a pass before the merge check every input entry for NaN/Inf?
         if trim is None and self.sparsify == "magnitude":
-            trim = ops.delta_threshold(base=base, finetuned=finetuned, ks=ks or self.ks(finetuned[0].numel()),
-                                       selection=selection or self.selection(), allow_nonfinite=self.allow_nonfinite,
-                                       consensus=consensus)
+            trim = self.select(base, finetuned, consensus, ks=ks, selection=selection)
             checked = consensus is None  # entries outside the consensus are not looked at
         elif trim is None:
             trim = self.keep_all(device)
