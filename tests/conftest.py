@@ -37,3 +37,25 @@ def _restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# Backend fixtures. Every op test file names the backend it tests with ``pytestmark``:
+# ``cpp_kernels`` (CPU tensors dispatch to the compiled C++ kernels of ``mtmerge._C``) or
+# ``triton_kernels`` (the Triton launchers run compiled on a GPU, or interpreted on CPU); the
+# fixture fails the test when that backend is not the one that would run, so a broken build
+# never compares the reference with itself. They live here, not in a family's conftest: on the
+# GPU machine (pytest 9.1, --import-mode=importlib) a conftest under tests/ops/merge was not
+# visible to every test file of that folder.
+@pytest.fixture
+def cpp_kernels():
+    from tests.ops.merge.helpers import assert_cpp_backend, merge_op_names
+
+    assert_cpp_backend(merge_op_names())
+
+
+@pytest.fixture
+def triton_kernels():
+    pytest.importorskip("triton")
+    from tests.ops.merge.helpers import assert_triton_backend
+
+    assert_triton_backend()

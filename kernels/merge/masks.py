@@ -51,14 +51,14 @@ def _tall_masks_kernel(
 
 @autotune(ELEMENT_CONFIGS, key=[])
 @triton.jit
-def _consensus_kernel(masks_ptr, out_ptr, T, nbytes, stride_t, stride_b, k, BLOCK: tl.constexpr):
+def _consensus_kernel(masks_ptr, out_ptr, T: tl.constexpr, nbytes, stride_t, stride_b, k, BLOCK: tl.constexpr):
     """Byte j of out: bit i set where at least k of the T packed masks have bit i of byte j."""
     byte_offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = byte_offs < nbytes
     shifts = tl.arange(0, 8)[None, :]
     count = tl.zeros([BLOCK, 8], dtype=tl.int32)
     row = masks_ptr + byte_offs * stride_b
-    for _ in range(T):
+    for _ in tl.static_range(T):
         byte = tl.load(row, mask=in_range, other=0).to(tl.int32)
         count += (byte[:, None] >> shifts) & 1
         row += stride_t

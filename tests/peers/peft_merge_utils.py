@@ -54,4 +54,5 @@ def magnitude_based_pruning(tensor: Tensor, density: float) -> Tensor:
 def ties_merge(base: Tensor, finetuned: list[Tensor], density: float) -> Tensor:
     """A whole merge as a peft user writes it: task vectors, ``ties`` with weights 1, base added back."""
     task_vectors = [f - base for f in finetuned]
-    return base + MERGE_UTILS.ties(task_vectors, torch.ones(len(finetuned), dtype=base.dtype), density)
+    weights = torch.ones(len(finetuned), dtype=base.dtype, device=base.device)
+    return base + MERGE_UTILS.ties(task_vectors, weights, density)

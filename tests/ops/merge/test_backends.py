@@ -1,6 +1,6 @@
 """Which backend each merge op runs, asserted once for the family: C++ on CPU, Triton on CUDA,
 autograd for ``task_arithmetic``; and every test file of this folder names the backend it tests
-(``pytestmark`` with the ``cpp_kernels`` / ``triton_kernels`` fixture of conftest.py)."""
+(``pytestmark`` with the ``cpp_kernels`` / ``triton_kernels`` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 

@@ -193,6 +193,7 @@ _ISA_CHECK = textwrap.dedent("""
         x = torch.randn(2**20 + 7, generator=gen).to(dtype)
         for k in (1, 1000, x.numel() // 5, x.numel() - 3):
             for selection in ("exact", "geq"):
+                print(dtype, k, selection, file=sys.stderr, flush=True)  # where a crash happened
                 got = torch.ops.mtmerge.magnitude_threshold(xs=[x[:5], x[5:]], k=k, selection=selection)
                 want = ref.magnitude_threshold([x], k, selection)
                 assert torch.equal(got[0], want[0]) and int(got[1]) == int(want[1]), (dtype, k, selection)
@@ -217,7 +218,7 @@ def test_window_pass_on_every_isa(isa):
     want = expected_isa(isa)
     if want != isa:
         pytest.skip(f"this CPU has no {isa}")
-    proc = subprocess.run([sys.executable, "-c", _ISA_CHECK, want], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MTMERGE_MAX_ISA": isa})
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _ISA_CHECK, want], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "MTMERGE_MAX_ISA": isa})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "ok"
