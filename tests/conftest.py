@@ -47,10 +47,16 @@ def _restore_threads():
 # GPU machine (pytest 9.1, --import-mode=importlib) a conftest under tests/ops/merge was not
 # visible to every test file of that folder.
 @pytest.fixture
-def cpp_kernels():
-    from tests.ops.merge.helpers import assert_cpp_backend, merge_op_names
+def cpp_kernels(request):
+    """The C++ kernels of the test file's family (``tests/ops/<family>/``; every family
+    otherwise) are what CPU tensors dispatch to."""
+    from mtmerge import _library
+    from tests.ops.merge.helpers import assert_cpp_backend
 
-    assert_cpp_backend(merge_op_names())
+    parts = Path(str(request.path)).parts
+    family = parts[parts.index("ops") + 1] if "ops" in parts[:-1] else None
+    table = _library.families()
+    assert_cpp_backend(table[family] if family in table else _library.op_names())
 
 
 @pytest.fixture
