@@ -22,6 +22,17 @@ from mtmerge.ops.merge import (
     ties_merge,
     topk_mask,
 )
+from mtmerge.ops.moe import (
+    AlignOutput,
+    GateOutput,
+    TaskGateOutput,
+    load_balancing_loss,
+    moe_align,
+    moe_experts,
+    moe_task_gate,
+    moe_topk_gate,
+    router_z_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -39,9 +50,12 @@ def __getattr__(name: str):
 
 __all__ = [
     "FLAVORS",
+    "AlignOutput",
+    "GateOutput",
     "MagnitudeThreshold",
     "MergeConfig",
     "MergeSummary",
+    "TaskGateOutput",
     "TiesKnobs",
     "__version__",
     "_library",
@@ -50,9 +64,15 @@ __all__ = [
     "dare",
     "dare_linear",
     "dare_ties",
+    "load_balancing_loss",
     "magnitude_prune",
     "magnitude_threshold",
     "merge_checkpoints",
+    "moe_align",
+    "moe_experts",
+    "moe_task_gate",
+    "moe_topk_gate",
+    "router_z_loss",
     "tall_masks",
     "task_arithmetic",
     "ties",

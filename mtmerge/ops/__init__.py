@@ -4,6 +4,8 @@ module (``<family>.py``). Importing this package registers every family, then lo
 
 from mtmerge import _library
 from mtmerge.ops._merge_ops import MERGE_OPS
+from mtmerge.ops._moe_ops import MOE_OPS
 
 _library.register_family("merge", MERGE_OPS)
+_library.register_family("moe", MOE_OPS)
 _library.load_extension()
