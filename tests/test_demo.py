@@ -1,9 +1,12 @@
-"""``mtmerge demo`` (the package mtmerge/demo/) in ``--quick`` mode: table structure, sane accuracies, caching."""
+"""``mtmerge demo`` (the package mtmerge/demo/) in ``--quick`` mode: table structure, sane accuracies, caching;
+the multi-task MoE experiment: its table, accuracies above chance, FLOPs per token, mtmerge's ops in training."""
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("sklearn")
 pytest.importorskip("safetensors")
@@ -28,8 +32,22 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-def _parse_table(out: str) -> tuple[list[str], dict[str, list[str]]]:
-    lines = [line for line in out.splitlines() if line.startswith("|")]
+def _tables(out: str) -> list[list[str]]:
+    """The markdown tables of ``out``: runs of consecutive lines starting with ``|``."""
+    tables: list[list[str]] = []
+    previous = False
+    for line in out.splitlines():
+        current = line.startswith("|")
+        if current and not previous:
+            tables.append([])
+        if current:
+            tables[-1].append(line)
+        previous = current
+    return tables
+
+
+def _parse_table(out: str, index: int = 0) -> tuple[list[str], dict[str, list[str]]]:
+    lines = _tables(out)[index]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert re.fullmatch(r"\|( ---:? \|)+", lines[1].strip()), lines[1]
     rows = {}
@@ -128,7 +146,8 @@ def test_checkpoints_are_hf_style_and_merges_go_through_the_configs(quick_run):
 
 
 def test_second_run_reuses_the_checkpoints(quick_run, capsys):
-    code, out = _run(["--quick", "--work-dir", str(quick_run["work"]), "--methods", "ties"], capsys)
+    code, out = _run(["--quick", "--work-dir", str(quick_run["work"]), "--methods", "ties", "--experiments", "merge"],
+                     capsys)
     assert code == 0
     assert "checkpoints: reusing" in out
     _, rows = _parse_table(out)
@@ -159,7 +178,8 @@ def test_cli_subcommand(quick_run, capsys):
         cli.build_parser().parse_known_args(["demo"])
     except SystemExit:  # argparse: invalid choice 'demo' -- a broken CLI is a failure, never a skip
         pytest.fail("`mtmerge demo` is not a subcommand of mtmerge/cli.py: " + capsys.readouterr().err[-500:])
-    code = cli.main(["demo", "--quick", "--work-dir", str(quick_run["work"]), "--methods", "average"])
+    code = cli.main(["demo", "--quick", "--work-dir", str(quick_run["work"]), "--methods", "average",
+                     "--experiments", "merge"])
     assert code == 0
     assert "| average | 1 |" in capsys.readouterr().out
 
@@ -168,3 +188,105 @@ def test_settings_key_is_stable_and_sensitive():
     assert demo.Settings().key() == demo.FULL_SETTINGS.key()
     assert demo.Settings(seed=1).key() != demo.FULL_SETTINGS.key()
     assert len(Path(demo.default_work_dir()).parts) > 1
+
+
+# ---- the multi-task MoE experiment ---------------------------------------------------------------
+
+
+def test_quick_demo_prints_the_moe_table(quick_run):
+    out = quick_run["out"]
+    assert len(_tables(out)) == 2  # the merge table, then the MoE table
+    header, rows = _parse_table(out, 1)
+    assert header == ["model", *demo.QUICK_TASKS, "mean", "block FLOPs/token", "vs dense", "model FLOPs/token",
+                      "experts/task", "params", "train s"]
+    assert list(rows) == list(demo.MOE_MODELS)
+    assert rows["dense"][header.index("vs dense")] == "1.00x"
+    assert rows["dense"][header.index("experts/task")] == "-"
+    for name in ("shared MoE", "TaskMoE"):
+        assert re.fullmatch(r"\d\.\d/8", rows[name][header.index("experts/task")]), rows[name]
+        assert re.search(rf"^{name}: \d+\.\dx fewer block FLOPs per token than dense", out, re.M), name
+    assert "Serving one task, TaskMoE's tokens used" in out
+
+
+def test_quick_moe_accuracies_and_flops(quick_run):
+    moe = quick_run["json"]["moe"]
+    settings = demo.MoESettings(**moe["settings"])
+    assert settings == demo.QUICK_MOE_SETTINGS
+    assert moe["tasks"] == list(demo.QUICK_TASKS)
+    rows = {r["name"]: r for r in moe["rows"]}
+    assert list(rows) == list(demo.MOE_MODELS)
+    for name, row in rows.items():
+        for t in moe["tasks"]:
+            chance = 1.0 / demo.TASKS[t].num_classes
+            # well above chance: at least halfway from chance to 100%
+            assert row["accuracy"][t] > chance + 0.5 * (1 - chance), (name, t, row["accuracy"][t])
+        assert row["mean"] == pytest.approx(sum(row["accuracy"].values()) / len(row["accuracy"]))
+        assert row["block_flops"] == demo.block_flops(name, settings)
+        assert row["model_flops"] == pytest.approx(demo.model_flops(name, settings, moe["tasks"]))
+        assert row["train_seconds"] > 0
+    dense, shared, task = rows["dense"], rows["shared MoE"], rows["TaskMoE"]
+    # the claim in miniature: far fewer FLOPs per token at similar accuracy
+    assert task["block_flops"] < shared["block_flops"] < dense["block_flops"] / 3
+    assert task["model_flops"] < shared["model_flops"] < dense["model_flops"] / 3
+    for row in (shared, task):
+        assert row["mean"] > dense["mean"] - 0.05, (row["name"], row["mean"], dense["mean"])
+    # TaskMoE's tokens of a task reach only that task's experts
+    assert dense["experts_per_task"] is None
+    assert 1 <= task["experts_per_task"] <= settings.experts_per_task < shared["experts_per_task"] <= 8
+    # the three models have about the same size (the dense block is as wide as all experts together)
+    assert max(r["parameters"] for r in rows.values()) < 1.1 * min(r["parameters"] for r in rows.values())
+
+
+def test_flops_from_the_shapes():
+    s = demo.MoESettings(hidden=16, num_experts=4, expert_ffn=8, top_k=2, experts_per_task=3)
+    assert s.dense_ffn == 32
+    assert demo.block_flops("dense", s) == 2 * 3 * 16 * 32
+    assert demo.block_flops("shared MoE", s) == 2 * 16 * 4 + 2 * (2 * 3 * 16 * 8)
+    assert demo.block_flops("TaskMoE", s) == 2 * 16 * 3 + 2 * (2 * 3 * 16 * 8)
+    heads = (2 * 16 * 10 + 2 * 16 * 2) / 2
+    assert demo.model_flops("dense", s, ["digits", "parity"]) == 2 * 64 * 16 + 2 * 3 * 16 * 32 + heads
+    with pytest.raises(ValueError, match="model must be one of"):
+        demo.block_flops("sparse", s)
+    with pytest.raises(ValueError, match="unknown models"):
+        demo.run_moe_experiment(models=["sparse"])
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the mtmerge ops that reach the dispatcher (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith("mtmerge::"):
+            self.counts[name.removeprefix("mtmerge::")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_moe_only_run_trains_with_the_mtmerge_ops(monkeypatch, tmp_path, capsys):
+    from mtmerge.demo import command
+
+    real = command.run_moe_experiment
+    one_epoch = dataclasses.replace(demo.QUICK_MOE_SETTINGS, epochs=1)
+    monkeypatch.setattr(command, "run_moe_experiment", lambda **kw: real(**kw, settings=one_epoch))
+    json_path = tmp_path / "moe.json"
+    with _OpCounter() as counter:
+        code, out = _run(["--quick", "--experiments", "moe", "--work-dir", str(tmp_path / "unused"),
+                          "--json", str(json_path)], capsys)
+    assert code == 0
+    assert "checkpoints:" not in out and len(_tables(out)) == 1  # no merge experiment
+    assert not (tmp_path / "unused").exists()
+    _, rows = _parse_table(out)
+    assert list(rows) == list(demo.MOE_MODELS)
+    result = json.loads(json_path.read_text())
+    assert list(result) == ["moe"]
+    steps = result["moe"]["steps"]
+    assert steps == -(-result["moe"]["train_tokens"] // one_epoch.batch)
+    # forward and backward of both MoE models ran on mtmerge's ops: one call per training step and model
+    # (plus evaluation), the shared router's gate and the task routers' gate, the auxiliary losses
+    c = counter.counts
+    assert c["moe_experts"] >= 2 * steps and c["moe_experts_backward"] >= 2 * steps, c
+    assert c["moe_topk_gate"] >= steps and c["moe_task_gate"] >= steps, c
+    assert c["moe_load_balancing_loss"] >= 2 * steps and c["moe_router_z_loss"] >= 2 * steps, c

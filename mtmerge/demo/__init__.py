@@ -6,10 +6,17 @@ in miniature: one pre-trained backbone, one full fine-tune per task with that ta
 classification head frozen, the fine-tunes merged into one backbone, and every model
 evaluated on every task with each task's own (frozen) head.
 
+A second experiment (``moe_experiment``) trains one multi-task model on the same tasks, their
+tokens mixed in every batch, three ways: a dense SwiGLU block, a shared
+:class:`mtmerge.nn.MoEFeedForward` and a :class:`mtmerge.nn.TaskMoE` with one router per task
+(M³ViT's task-conditioned sparse pathway), trained with mtmerge's MoE ops forward and backward,
+and prints each task's accuracy and the FLOPs per token each model spends.
+
 Modules: ``data`` (the digits, the tasks, the settings), ``models`` (the MLP and its
 training), ``checkpoints`` (saving, caching, reading back through the pipeline's reader),
-``experiment`` (the merge methods and the run), ``report`` (table and summary) and
-``command`` (the ``mtmerge demo`` options).
+``experiment`` (the merge methods and the run), ``moe_experiment`` (the multi-task MoE
+models, their training and FLOPs), ``report`` (tables and summaries) and ``command`` (the
+``mtmerge demo`` options; ``--experiments merge moe`` chooses what runs, both by default).
 
 Design choices
 --------------
@@ -100,10 +107,26 @@ individual fine-tunes 96.0%, averaging 81.3%, task arithmetic 82.3%, TIES 82.5%,
 every time, by 1.2 to 5.9 points of mean accuracy (3.5 on average; seed 0 is the smallest
 margin), and beat tuned task arithmetic in 8 of 10 seeds (by 0.8 points on average, -0.5 to
 +2.2): the TIES paper's ordering, with small margins at this scale.
+
+Multi-task MoE (``moe_experiment``; same split, seed and thread count)
+----------------------------------------------------------------------
+Architecture ``h = gelu(W_in x)`` (64 -> 64), ``h = h + block(h)``, one linear head per task,
+trained from scratch on the six tasks' ``train`` images mixed in batches of 128 (Adam 3e-3, 12
+epochs = 396 steps; load-balancing loss x0.01 and z-loss x0.001 for the MoE models), evaluated
+one task per batch on ``test``. Blocks: dense SwiGLU of width 512; shared MoE, top-2 of 8
+SwiGLU experts of width 64 (the same expert parameters as the dense block); TaskMoE, the same
+experts, one router per task, 4 experts per task (``experts_per_task=4``), top-2. FLOPs per
+token from the shapes (2 per multiply-add; activations, softmax and top-k not counted); a
+TaskMoE token served with its task alone costs only its task's 4 router rows.
+Seed 0: dense 96.1% mean accuracy at 196,608 block FLOPs per token; shared MoE 95.2% at
+50,176 (3.9x fewer; 3.5x for the whole model with the input layer and head); TaskMoE 95.8% at
+49,664, a task's tokens routed to 3.2 of the 8 experts on average (the shared MoE's to 7.5).
+Seeds 0-2: dense 95.4-96.1%, shared MoE 95.2-96.2%, TaskMoE 94.0-95.8%. About 10 s for the
+three models (reference CPU ops; 1 thread).
 """
 
 from mtmerge.demo.checkpoints import Checkpoints, checkpoint_ok, load_checkpoint, prepare_checkpoints, save_checkpoint
-from mtmerge.demo.command import add_arguments, default_work_dir, main, run
+from mtmerge.demo.command import EXPERIMENTS, add_arguments, default_work_dir, main, run
 from mtmerge.demo.data import (
     DEMO_VERSION,
     FULL_SETTINGS,
@@ -117,40 +140,73 @@ from mtmerge.demo.data import (
 )
 from mtmerge.demo.experiment import LAMBDA_GRID, METHODS, QUICK_METHODS, MethodSpec, Result, Row, run_experiment
 from mtmerge.demo.models import MultiTaskMLP, build_model, evaluate
-from mtmerge.demo.report import format_table, print_report, summary_lines
+from mtmerge.demo.moe_experiment import (
+    FULL_MOE_SETTINGS,
+    MOE_MODELS,
+    QUICK_MOE_SETTINGS,
+    MoEResult,
+    MoERow,
+    MoESettings,
+    MultiTaskNet,
+    block_flops,
+    model_flops,
+    run_moe_experiment,
+)
+from mtmerge.demo.report import (
+    format_moe_table,
+    format_table,
+    moe_summary_lines,
+    print_moe_report,
+    print_report,
+    summary_lines,
+)
 
 _checkpoint_ok = checkpoint_ok  # the name tests/test_demo.py uses
 
 __all__ = [
     "DEMO_VERSION",
+    "EXPERIMENTS",
+    "FULL_MOE_SETTINGS",
     "FULL_SETTINGS",
     "LAMBDA_GRID",
     "METHODS",
+    "MOE_MODELS",
     "QUICK_METHODS",
+    "QUICK_MOE_SETTINGS",
     "QUICK_SETTINGS",
     "QUICK_TASKS",
     "TASKS",
     "Checkpoints",
     "Data",
     "MethodSpec",
+    "MoEResult",
+    "MoERow",
+    "MoESettings",
     "MultiTaskMLP",
+    "MultiTaskNet",
     "Result",
     "Row",
     "Settings",
     "TaskSpec",
     "add_arguments",
+    "block_flops",
     "build_model",
     "checkpoint_ok",
     "default_work_dir",
     "evaluate",
+    "format_moe_table",
     "format_table",
     "load_checkpoint",
     "load_data",
     "main",
+    "model_flops",
+    "moe_summary_lines",
     "prepare_checkpoints",
+    "print_moe_report",
     "print_report",
     "run",
     "run_experiment",
+    "run_moe_experiment",
     "save_checkpoint",
     "summary_lines",
 ]

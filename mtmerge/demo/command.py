@@ -12,7 +12,11 @@ import torch
 
 from mtmerge.demo.data import QUICK_TASKS
 from mtmerge.demo.experiment import METHODS, QUICK_METHODS, run_experiment
-from mtmerge.demo.report import print_report
+from mtmerge.demo.moe_experiment import run_moe_experiment
+from mtmerge.demo.report import print_moe_report, print_report
+
+#: The demo's experiments: model merging, and the multi-task MoE (dense vs shared MoE vs TaskMoE).
+EXPERIMENTS: tuple[str, ...] = ("merge", "moe")
 
 DESCRIPTION = "``mtmerge demo``: a small, real multi-task merging experiment on a bundled dataset."
 
@@ -39,13 +43,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the split, initialization and training (default 0)")
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
                         help="merge methods to run (default: all, or the quick set with --quick)")
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
+                        help="which experiments to run (default: both): merge = the fine-tunes merged by each "
+                             "method; moe = a dense, a shared-MoE and a TaskMoE multi-task model trained with "
+                             "mtmerge's MoE ops")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed ``args`` (see :func:`add_arguments`) and print the report.
 
-    The torch thread count is set to ``args.threads`` for the run and restored afterwards.
+    Runs the experiments of ``args.experiments`` in order (merge, then MoE), printing each
+    report as soon as it is ready. The torch thread count is set to ``args.threads`` for the run
+    and restored afterwards. With ``--json``, the merge results are the top level and the MoE
+    results go under ``"moe"``.
 
     Returns
     -------
@@ -57,16 +72,25 @@ def run(args: argparse.Namespace) -> int:
         return 2
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    result = moe = None
     try:
-        work_dir = args.work_dir if args.work_dir is not None else default_work_dir()
-        result = run_experiment(work_dir, quick=args.quick, retrain=args.retrain, methods=args.methods,
-                                seed=args.seed, log=lambda line: print(line, flush=True))
+        if "merge" in args.experiments:
+            work_dir = args.work_dir if args.work_dir is not None else default_work_dir()
+            result = run_experiment(work_dir, quick=args.quick, retrain=args.retrain, methods=args.methods,
+                                    seed=args.seed, log=_log)
+            print_report(result)
+        if "moe" in args.experiments:
+            _log("multi-task MoE: training dense, shared MoE and TaskMoE models")
+            moe = run_moe_experiment(quick=args.quick, seed=args.seed, log=_log)
+            print_moe_report(moe)
     finally:
         torch.set_num_threads(previous)
-    print_report(result)
     if args.json is not None:
+        payload = result.to_json() if result is not None else {}
+        if moe is not None:
+            payload["moe"] = moe.to_json()
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 
