@@ -5,6 +5,7 @@ Triton GPU kernel and a PyTorch reference; see ``mtmerge info`` for which one ru
 """
 
 from mtmerge import _library
+from mtmerge.ops.lowrank import LamaOutput, lama_pool, linformer_attention, multi_lora
 from mtmerge.ops.merge import (
     FLAVORS,
     MagnitudeThreshold,
@@ -52,6 +53,7 @@ __all__ = [
     "FLAVORS",
     "AlignOutput",
     "GateOutput",
+    "LamaOutput",
     "MagnitudeThreshold",
     "MergeConfig",
     "MergeSummary",
@@ -64,6 +66,8 @@ __all__ = [
     "dare",
     "dare_linear",
     "dare_ties",
+    "lama_pool",
+    "linformer_attention",
     "load_balancing_loss",
     "magnitude_prune",
     "magnitude_threshold",
@@ -72,6 +76,7 @@ __all__ = [
     "moe_experts",
     "moe_task_gate",
     "moe_topk_gate",
+    "multi_lora",
     "router_z_loss",
     "tall_masks",
     "task_arithmetic",
