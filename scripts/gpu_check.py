@@ -264,6 +264,9 @@ def shard_pytest(shards: int, pytest_args: list[str]) -> int:
         i = loads.index(min(loads))
         groups[i].append(f)
         loads[i] += f.stat().st_size
+    # Tests check results, not speed: one Triton config per kernel (kernels/moe reads
+    # MTMERGE_AUTOTUNE at import), so each kernel variant compiles once, not once per config.
+    os.environ.setdefault("MTMERGE_AUTOTUNE", "0")
     logs = Path(os.environ.get("GPU_CHECK_LOGS", ROOT))
     step = os.environ.get("GPU_CHECK_STEP", "pytest")
     procs = []

@@ -17,8 +17,15 @@
 namespace py = pybind11;
 
 #ifdef MTMERGE_WITH_CUDA
+#include <torch/extension.h>  // at::Tensor <-> Python, for moe_align_cuda only (CUDA builds)
+
 namespace mtmerge {
 std::string cuda_build_summary();  // csrc/cuda/cuda_info.cu
+}
+namespace mtmerge::moe {
+// csrc/moe/align_cuda.cpp: the CUDA C++ moe_align (csrc/cuda/moe_align.cu); kernels/moe uses it when present
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const at::Tensor& ids, int64_t num_experts,
+                                                               int64_t capacity);
 }
 #endif
 
@@ -102,4 +109,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("reset_selection_stats", [] { mtmerge::merge::selection_stats.reset(); }, "Zero the selection counters.");
   m.def("window_isa", [] { return std::string(mtmerge::merge::window_isa_name()); },
         "The window pass in use: avx512f, avx2 or default (capped by MTMERGE_MAX_ISA).");
+#ifdef MTMERGE_WITH_CUDA
+  m.def("moe_align_cuda", &mtmerge::moe::moe_align_cuda, "moe_align on CUDA tensors (csrc/cuda/moe_align.cu)",
+        py::arg("ids"), py::arg("num_experts"), py::arg("capacity"));
+#endif
 }
