@@ -42,3 +42,60 @@ def test_merge_benchmark_cpu_mode_with_peers():
     assert "tests/peers" in stdout or "real package" in stdout
     assert "| float32 | 1 |" in stdout
     assert "ties_merge flavor" in stdout  # the peers' outputs were compared
+
+
+@pytest.mark.parametrize("mode", ["cpu", "gpu-code-path"])
+def test_moe_benchmark_quick(tmp_path, mode):
+    """bench_moe.py at tiny sizes: every column of every row is a finite, positive number (CPU mode
+    ``--quick``; the GPU mode's code on CPU tensors), the ISA is named, the targets are checked."""
+    out = tmp_path / "moe.json"
+    extra = ["--gpu", "--device", "cpu"] if mode == "gpu-code-path" else ["--threads", "1"]
+    stdout = run("bench_moe.py", "--quick", "--tokens", "1", "7", "--json", str(out), *extra, timeout=300)
+    assert "| threads | T | active | ours ms |" in stdout and "Targets" in stdout
+    if mode == "cpu":
+        assert "ISA: " in stdout
+    else:
+        assert "smoke run" in stdout
+    figures = json.loads(out.read_text())
+    assert figures["bench"] == "moe" and figures["ours_backend"]
+    rows = figures["rows"]
+    assert {(r["dtype"], r["tokens"]) for r in rows} == {(d, t) for d in ("float32", "bfloat16") for t in (1, 7)}
+    columns = {"ours", "eager", "grouped_mm", "read_floor", "gemm_floor", "floor", "ours_fb", "eager_fb",
+               "grouped_mm_fb"}
+    ratios = {"ours/floor", "eager/floor", "grouped_mm/floor", "ours_fb/ours"}
+    for row in rows:
+        assert not row["errors"], row["errors"]
+        assert columns <= set(row["ms"]) and ratios <= set(row["ratios"]), row
+        values = [*row["ms"].values(), *row["ratios"].values()]
+        assert all(0 < v < float("inf") for v in values), row
+        assert row["active_experts"] >= 1 and row["max_rel_diff_vs_eager"] < 0.05, row
+
+
+@pytest.mark.parametrize("mode", ["cpu", "gpu-code-path"])
+def test_lowrank_benchmark_quick(tmp_path, mode):
+    """bench_lowrank.py --quick: every section's rows, each timing and ratio a finite positive
+    number, ours agreeing with its peer (peft, the torch composition, the reference), the ISA named
+    (CPU mode), the targets checked."""
+    out = tmp_path / "lowrank.json"
+    extra = ["--gpu", "--device", "cpu"] if mode == "gpu-code-path" else ["--threads", "1"]
+    stdout = run("bench_lowrank.py", "--quick", "--json", str(out), *extra, timeout=300)
+    assert "### lora" in stdout and "### linformer" in stdout and "### lama" in stdout and "Targets" in stdout
+    assert ("ISA: " in stdout) if mode == "cpu" else ("smoke run" in stdout)
+    figures = json.loads(out.read_text())
+    assert figures["bench"] == "lowrank" and set(figures["ours_backend"]) == {"multi_lora", "linformer_attention",
+                                                                             "lama_pool"}
+    from tests.peers import peft_lora
+
+    has_peft = peft_lora.PEFT is not None  # without it the peft column is reported unavailable
+    assert figures["peft"].startswith("peft ") == has_peft
+    rows = figures["rows"]
+    columns = {"lora": {"ours", "base", "floor"} | ({"peft"} if has_peft else set()),
+               "linformer": {"ours", "ours+mask", "comp", "sdpa", "ours_fb", "ours+mask_fb", "comp_fb", "sdpa_fb"},
+               "lama": {"ours", "ref", "ours_fb", "ref_fb", "eager_fb"}}
+    assert [r["section"] for r in rows] == ["lora", "lora", "linformer", "linformer", "lama"]
+    for row in rows:
+        assert set(row["errors"]) <= (set() if has_peft else {"peft"}), row["errors"]
+        assert columns[row["section"]] <= set(row["ms"]) and row["ratios"], row
+        assert all(0 < v < float("inf") for v in [*row["ms"].values(), *row["ratios"].values()]), row
+        assert row["max_rel_diff"] is None or row["max_rel_diff"] < 1e-4, row
+        assert row["max_rel_diff"] is not None or (row["section"] == "lora" and not has_peft), row
