@@ -17,8 +17,8 @@ rest still run; the limits shrink to fit the overall deadline):
 4. ``tests-gpu``: the op tests that run on CUDA (compiled Triton, never the interpreter;
    opcheck, gradcheck and the public API on CUDA): ``pytest tests/ops -k "triton or cuda"``;
 5. ``tests-cpu``: the rest of the op tests (the C++ kernels built against this torch);
-6. ``bench-select``, ``bench-merge``, ``bench-pipeline``: each benchmark's ``--gpu`` mode
-   (``triton.testing.do_bench``), figures kept as JSON.
+6. ``bench-select``, ``bench-merge``, ``bench-pipeline``, ``bench-moe``, ``bench-lowrank``: each
+   benchmark's ``--gpu`` mode (``triton.testing.do_bench``), figures kept as JSON.
 
 Every step's output goes to ``DIR/logs/<step>.log``; the report has per step the command, exit
 status, duration, pass/fail counts (pytest) and the tail of the output, and the bench figures.
@@ -140,6 +140,10 @@ def steps(out: Path, python: str) -> list[Step]:
         Step("bench-pipeline", [python, "benchmarks/bench_pipeline.py", "--gpu", "--size", "small", "--json",
                                 str(bench / "pipeline.json")], 45,
              "the pipeline engine's per-tensor passes on the GPU", bench_json=str(bench / "pipeline.json")),
+        Step("bench-moe", [python, "benchmarks/bench_moe.py", "--gpu", "--tokens", "1", "64", "2048", "--json",
+                           str(bench / "moe.json")], 90,
+             "MoE experts vs transformers eager / grouped_mm and the floor on the GPU",
+             bench_json=str(bench / "moe.json")),
         Step("tests-cpu", [python, "scripts/gpu_check.py", "--shard-pytest", str(SHARDS), "--", *pytest_args, *OP_TESTS,
                            "-k", f"not ({GPU_SELECTION})"], 120,
              "the other op tests: the C++ kernels built against this torch (last: CI runs them too)", pytest=True),
