@@ -19,7 +19,7 @@ $(VENV)/.stamp-deps: Makefile
 	# Peers for the parity tests and benchmarks. --no-deps: their full requirements pull
 	# transformers and an unpinned (CUDA) torch; these few packages are all their merge code needs.
 	$(PIP) install --quiet --no-deps peft==0.21.2 mergekit==0.1.5 pydantic==2.14.3 pydantic-core==2.50.4 \
-		annotated-types==0.8.0 typing-inspection==0.4.5
+		annotated-types==0.8.0 typing-inspection==0.4.5 accelerate==1.15.0
 	# transformers for the MoE drop-in (ExpertsInterface, 5.23+) and its parity tests; it needs no torch pin
 	$(PIP) install --quiet transformers==5.24.0
 	touch $@

@@ -144,6 +144,8 @@ def steps(out: Path, python: str) -> list[Step]:
                            str(bench / "moe.json")], 90,
              "MoE experts vs transformers eager / grouped_mm and the floor on the GPU",
              bench_json=str(bench / "moe.json")),
+        Step("bench-lowrank", [python, "benchmarks/bench_lowrank.py", "--gpu", "--json", str(bench / "lowrank.json")],
+             90, "low-rank family vs PEFT / SDPA / the reference on the GPU", bench_json=str(bench / "lowrank.json")),
         Step("tests-cpu", [python, "scripts/gpu_check.py", "--shard-pytest", str(SHARDS), "--", *pytest_args, *OP_TESTS,
                            "-k", f"not ({GPU_SELECTION})"], 120,
              "the other op tests: the C++ kernels built against this torch (last: CI runs them too)", pytest=True),

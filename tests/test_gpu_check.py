@@ -31,7 +31,7 @@ def test_make_gpu_check_dry_lists_the_steps(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for name in ("env", "build", "import", "tests-gpu", "bench-select", "bench-merge", "bench-pipeline", "bench-moe",
-                 "tests-cpu"):
+                 "bench-lowrank", "tests-cpu"):
         assert f". {name} (<= " in proc.stdout, name
     assert "pip install --no-build-isolation --no-deps --no-index -e ." in proc.stdout
     assert "--gpu" in proc.stdout and "-k 'triton or cuda'" in proc.stdout

@@ -2,10 +2,23 @@
 
 * :class:`MoEFeedForward`: token-choice sparse MoE feed-forward layer (Mixtral-style).
 * :class:`TaskMoE`: task-conditioned sparse MoE layer (M³ViT), one router per task.
+* :class:`LAMAPooling`: LAMA's low-rank multi-head attention pooling (m heads, one pass over T).
+* :class:`LinformerSelfAttention`: self-attention with keys/values projected along the sequence.
+* :class:`MultiLoRALinear`: an ``nn.Linear`` with a shared LoRA adapter plus one per task (MTLoRA);
+  ``from_peft`` loads PEFT adapters from disk.
 
-Both return a :class:`MoEOutput` ``(output, router_logits, load_balancing_loss, router_z_loss)``.
+The MoE layers return a :class:`MoEOutput` ``(output, router_logits, load_balancing_loss, router_z_loss)``.
 """
 
+from mtmerge.nn.lowrank import LAMAPooling, LinformerSelfAttention, MultiLoRALinear
 from mtmerge.nn.moe import MoEFeedForward, MoEOutput, TaskMoE, default_task_experts
 
-__all__ = ["MoEFeedForward", "MoEOutput", "TaskMoE", "default_task_experts"]
+__all__ = [
+    "LAMAPooling",
+    "LinformerSelfAttention",
+    "MoEFeedForward",
+    "MoEOutput",
+    "MultiLoRALinear",
+    "TaskMoE",
+    "default_task_experts",
+]

@@ -10,9 +10,10 @@ Each module's docstring starts with its label:
 
 Modules: :mod:`tests.peers.peft_merge_utils` (real package), :mod:`tests.peers.mergekit_ties`
 (real package), :mod:`tests.peers.mergekit_ties_copy` (local copy), :mod:`tests.peers.ties_paper`
-(local copy). Benchmarks import them as ``tests.peers.*`` with the repository root on ``sys.path``.
+(local copy), :mod:`tests.peers.peft_lora` (real package: PEFT's mixed-adapter LoRA batch).
+Benchmarks import them as ``tests.peers.*`` with the repository root on ``sys.path``.
 """
 
 from __future__ import annotations
 
-MODULES = ("peft_merge_utils", "mergekit_ties", "mergekit_ties_copy", "ties_paper")
+MODULES = ("peft_merge_utils", "mergekit_ties", "mergekit_ties_copy", "ties_paper", "peft_lora")
