@@ -8,6 +8,7 @@ only cheap defensive checks; they never see an argument these functions would re
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -49,16 +50,17 @@ def as_tensor_list(x: TensorOrTensors, name: str = "x") -> list[Tensor]:
     return xs
 
 
-def int_in_range(k, low: int, high: int, name: str, what: str = "") -> int:
-    """``k`` as an int in ``[low, high]`` (bool is not an int here)."""
+def int_in_range(k, low: int, high: int | None, name: str, what: str = "") -> int:
+    """``k`` as an int in ``[low, high]`` (``>= low`` when high is None; bool is not an int here)."""
     if isinstance(k, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
         k = operator.index(k)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(k).__name__}") from None
-    if not low <= k <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}]{what}, got {name} = {k}")
+    if k < low or (high is not None and k > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}{what}, got {name} = {k}")
     return k
 
 
@@ -143,11 +145,13 @@ def weights(value, count: int, name: str = "weights") -> list[float]:
 
 
 def finite_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    """A finite real number (int, float, numpy scalar; not bool) as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return value
 
 
 def seed(value) -> int:
@@ -201,3 +205,77 @@ def raise_if_nonfinite(inputs: Sequence[tuple[str, Tensor | None]], cause: BaseE
             if bad:
                 raise ValueError(f"{label} contains {bad} NaN or Inf value(s); pass allow_nonfinite=True to merge "
                                  "anyway") from cause
+
+
+# ---- tensor arguments of the MoE and low-rank wrappers -------------------------------------------
+# Wrong types are TypeError; dtypes, shapes, devices and values are ValueError (issue 9's rule).
+
+ANY_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: gradcheck
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def tensor_arg(t, name: str, dtypes: Sequence[torch.dtype], what: str) -> Tensor:
+    """``t`` if it is a tensor of one of ``dtypes`` (described by ``what`` in the message)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be {what}, got {t.dtype}")
+    return t
+
+
+def float_arg(t, name: str) -> Tensor:
+    return tensor_arg(t, name, ANY_FLOAT_DTYPES, "float32, bfloat16, float16 or float64")
+
+
+def index_arg(t, name: str) -> Tensor:
+    return tensor_arg(t, name, INDEX_DTYPES, "int32 or int64")
+
+
+def bool_arg(t, name: str) -> Tensor:
+    return tensor_arg(t, name, (torch.bool,), "bool")
+
+
+def int_arg(value, name: str, low: int, high: int | None = None, what: str = "") -> int:
+    """``value`` as an int ``>= low`` (and ``<= high`` when given); bool is not an int here."""
+    return int_in_range(value, low, high, name, what)
+
+
+def flag_arg(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def same_dtype(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: they must match")
+
+
+def shape_is(t: Tensor, name: str, shape: Sequence[int], layout: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def dims_is(t: Tensor, name: str, dim: int, layout: str) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+
+
+def ids_in_range(ids: Tensor, name: str, low: int, high: int) -> None:
+    """Every entry of ``ids`` in ``[low, high)`` (one min/max reduction read back)."""
+    if ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
+    if lo < low or hi >= high:
+        bad = lo if lo < low else hi
+        raise ValueError(f"{name} must be in [{low}, {high}), got a value of {bad}")
+
+
+def no_nan(t: Tensor, name: str) -> None:
+    if t.numel() and bool(torch.isnan(t).any()):
+        raise ValueError(f"{name} contains NaN")

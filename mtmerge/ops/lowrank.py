@@ -14,17 +14,24 @@ wrt ``q``, ``k``, ``v``, ``E`` and ``F``; LoRA wrt ``x``, ``A``, ``B`` and ``bas
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["LamaOutput", "lama_pool", "linformer_attention", "multi_lora"]
+from mtmerge.ops._validation import (
+    bool_arg,
+    dims_is,
+    finite_float,
+    float_arg,
+    ids_in_range,
+    index_arg,
+    same_device,
+    same_dtype,
+    shape_is,
+)
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
+__all__ = ["LamaOutput", "lama_pool", "linformer_attention", "multi_lora"]
 
 
 class LamaOutput(NamedTuple):
@@ -37,63 +44,12 @@ class LamaOutput(NamedTuple):
 # ---- checks -------------------------------------------------------------------------------------
 
 
-def _tensor(t, name: str, dtypes: Sequence[torch.dtype], what: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must be {what}, got {t.dtype}")
-    return t
-
-
-def _float_tensor(t, name: str) -> Tensor:
-    return _tensor(t, name, FLOAT_DTYPES, "float32, bfloat16, float16 or float64")
-
-
-def _bool_tensor(t, name: str) -> Tensor:
-    return _tensor(t, name, (torch.bool,), "bool")
-
-
 def _like(t, name: str, ref: Tensor, ref_name: str) -> Tensor:
     """A float tensor with ``ref``'s dtype and device."""
-    t = _float_tensor(t, name)
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: they must match")
-    _same_device(t, name, ref, ref_name)
+    t = float_arg(t, name)
+    same_dtype(t, name, ref, ref_name)
+    same_device(t, name, ref, ref_name)
     return t
-
-
-def _same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _shape(t: Tensor, name: str, shape: Sequence[int], layout: str) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def _dims(t: Tensor, name: str, dim: int, layout: str) -> None:
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
-
-
-def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_ids_range(ids: Tensor, name: str, low: int, high: int) -> None:
-    """Every entry of ``ids`` in ``[low, high)`` (one min/max reduction read back)."""
-    if ids.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
-    if lo < low or hi >= high:
-        bad = lo if lo < low else hi
-        raise ValueError(f"{name} must be in [{low}, {high}), got a value of {bad}")
 
 
 # ---- LAMA pooling -------------------------------------------------------------------------------
@@ -124,22 +80,22 @@ def lama_pool(h: Tensor, P: Tensor, Q: Tensor, *, mask: Tensor | None = None,
         real token is all zeros, never NaN), and ``pooled = attn @ h`` ``[B, m, D]`` in ``h``'s
         dtype. Differentiable with respect to ``h``, ``P``, ``Q`` and ``context``.
     """
-    h = _float_tensor(h, "h")
-    _dims(h, "h", 3, "[B, T, D]")
+    h = float_arg(h, "h")
+    dims_is(h, "h", 3, "[B, T, D]")
     batch, tokens, hidden = h.shape
     P = _like(P, "P", h, "h")
-    _dims(P, "P", 2, "[D, m]")
+    dims_is(P, "P", 2, "[D, m]")
     if P.shape[0] != hidden or P.shape[1] < 1:
         raise ValueError(f"P must be [D, m] with D = {hidden} and m >= 1, got shape {tuple(P.shape)}")
     Q = _like(Q, "Q", h, "h")
-    _shape(Q, "Q", tuple(P.shape), "P's shape [D, m]")
+    shape_is(Q, "Q", tuple(P.shape), "P's shape [D, m]")
     if mask is not None:
-        mask = _bool_tensor(mask, "mask")
-        _shape(mask, "mask", (batch, tokens), "[B, T]")
-        _same_device(mask, "mask", h, "h")
+        mask = bool_arg(mask, "mask")
+        shape_is(mask, "mask", (batch, tokens), "[B, T]")
+        same_device(mask, "mask", h, "h")
     if context is not None:
         context = _like(context, "context", h, "h")
-        _shape(context, "context", (batch, hidden), "[B, D]")
+        shape_is(context, "context", (batch, hidden), "[B, D]")
     attn, pooled = torch.ops.mtmerge.lama_pool(h=h, P=P, Q=Q, mask=mask, context=context)
     return LamaOutput(attn, pooled)
 
@@ -173,31 +129,31 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Tensor, *
         ``softmax(q (E[:, :N] k)^T * scale) (F[:, :N] v)``. Differentiable with respect to
         ``q``, ``k``, ``v``, ``E`` and ``F``.
     """
-    q = _float_tensor(q, "q")
-    _dims(q, "q", 4, "[B, Hh, Nq, d]")
+    q = float_arg(q, "q")
+    dims_is(q, "q", 4, "[B, Hh, Nq, d]")
     batch, heads, _, head_dim = q.shape
     k = _like(k, "k", q, "q")
-    _dims(k, "k", 4, "[B, Hh, N, d]")
+    dims_is(k, "k", 4, "[B, Hh, N, d]")
     if (k.shape[0], k.shape[1], k.shape[3]) != (batch, heads, head_dim):
         raise ValueError(f"k must be [B, Hh, N, d] with B = {batch}, Hh = {heads}, d = {head_dim} (q's), "
                          f"got shape {tuple(k.shape)}")
     v = _like(v, "v", q, "q")
-    _shape(v, "v", tuple(k.shape), "k's shape [B, Hh, N, d]")
+    shape_is(v, "v", tuple(k.shape), "k's shape [B, Hh, N, d]")
     num_keys = k.shape[2]
     E = _like(E, "E", q, "q")
-    _dims(E, "E", 2, "[r, Nmax]")
+    dims_is(E, "E", 2, "[r, Nmax]")
     if E.shape[0] < 1:
         raise ValueError(f"E must have at least one row (r >= 1), got shape {tuple(E.shape)}")
     if E.shape[1] < num_keys:
         raise ValueError(f"E is {E.shape[1]} columns wide but k and v have N = {num_keys} positions: "
                          f"N must be <= E's width")
     F = _like(F, "F", q, "q")
-    _shape(F, "F", tuple(E.shape), "E's shape [r, Nmax]")
+    shape_is(F, "F", tuple(E.shape), "E's shape [r, Nmax]")
     if key_padding_mask is not None:
-        key_padding_mask = _bool_tensor(key_padding_mask, "key_padding_mask")
-        _shape(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, N]")
-        _same_device(key_padding_mask, "key_padding_mask", q, "q")
-    scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if scale is None else _real(scale, "scale")
+        key_padding_mask = bool_arg(key_padding_mask, "key_padding_mask")
+        shape_is(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, N]")
+        same_device(key_padding_mask, "key_padding_mask", q, "q")
+    scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if scale is None else finite_float(scale, "scale")
     return torch.ops.mtmerge.linformer_attention(q=q, k=k, v=v, E=E, F=F, key_padding_mask=key_padding_mask,
                                                  scale=scale)
 
@@ -208,13 +164,13 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Tensor, *
 def _lora_scale(scale, num_adapters: int, x: Tensor) -> Tensor:
     """``scale`` as a float32 ``[L]`` tensor on x's device (one float is expanded)."""
     if isinstance(scale, Tensor):
-        _float_tensor(scale, "scale")
-        _same_device(scale, "scale", x, "x")
+        float_arg(scale, "scale")
+        same_device(scale, "scale", x, "x")
         if scale.dim() == 0:
             return scale.to(torch.float32).expand(num_adapters).contiguous()
-        _shape(scale, "scale", (num_adapters,), "[L]")
+        shape_is(scale, "scale", (num_adapters,), "[L]")
         return scale.to(torch.float32)
-    value = _real(scale, "scale")
+    value = finite_float(scale, "scale")
     return torch.full((num_adapters,), value, dtype=torch.float32, device=x.device)
 
 
@@ -247,29 +203,29 @@ def multi_lora(x: Tensor, A: Tensor, B: Tensor, adapter_ids: Tensor, *,
         Accumulated in float32 and rounded once. Differentiable with respect to ``x``, ``A``,
         ``B`` and ``base``.
     """
-    x = _float_tensor(x, "x")
+    x = float_arg(x, "x")
     if x.dim() < 1:
         raise ValueError("x must be [..., in], got a 0-d tensor")
     features = x.shape[-1]
     lead = tuple(x.shape[:-1])
     num_tokens = math.prod(lead)
     A = _like(A, "A", x, "x")
-    _dims(A, "A", 3, "[L, r, in]")
+    dims_is(A, "A", 3, "[L, r, in]")
     if A.shape[2] != features or A.shape[1] < 1:
         raise ValueError(f"A must be [L, r, in] with in = {features} (x's last dimension) and r >= 1, "
                          f"got shape {tuple(A.shape)}")
     num_adapters, rank = A.shape[:2]
     B = _like(B, "B", x, "x")
-    _dims(B, "B", 3, "[L, out, r]")
+    dims_is(B, "B", 3, "[L, out, r]")
     if B.shape[0] != num_adapters or B.shape[2] != rank:
         raise ValueError(f"B must be [L, out, r] with L = {num_adapters} and r = {rank} (A's), "
                          f"got shape {tuple(B.shape)}")
     out_features = B.shape[1]
-    adapter_ids = _tensor(adapter_ids, "adapter_ids", INDEX_DTYPES, "int32 or int64")
+    adapter_ids = index_arg(adapter_ids, "adapter_ids")
     if tuple(adapter_ids.shape) not in (lead, (num_tokens,)):
         raise ValueError(f"adapter_ids must have x's leading shape {lead} or [T] = ({num_tokens},), "
                          f"got shape {tuple(adapter_ids.shape)}")
-    _same_device(adapter_ids, "adapter_ids", x, "x")
+    same_device(adapter_ids, "adapter_ids", x, "x")
     scale = _lora_scale(scale, num_adapters, x)
     if base is not None:
         base = _like(base, "base", x, "x")
@@ -277,7 +233,7 @@ def multi_lora(x: Tensor, A: Tensor, B: Tensor, adapter_ids: Tensor, *,
             raise ValueError(f"base must be [..., out] = {(*lead, out_features)} or [T, out] = "
                              f"{(num_tokens, out_features)}, got shape {tuple(base.shape)}")
         base = base.reshape(num_tokens, out_features)
-    _check_ids_range(adapter_ids, "adapter_ids", -1, num_adapters)
+    ids_in_range(adapter_ids, "adapter_ids", -1, num_adapters)
     y = torch.ops.mtmerge.multi_lora(x=x.reshape(num_tokens, features), A=A, B=B,
                                      adapter_ids=adapter_ids.reshape(num_tokens), scale=scale, base=base)
     return y.reshape((*lead, out_features))

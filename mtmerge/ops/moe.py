@@ -15,13 +15,27 @@ weights, the routing weights and the biases, both auxiliary losses wrt the logit
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from mtmerge.ops._validation import (
+    ANY_FLOAT_DTYPES,
+    INDEX_DTYPES,
+    choice,
+    flag_arg,
+    float_arg,
+    ids_in_range,
+    index_arg,
+    int_arg,
+    no_nan,
+    same_device,
+    same_dtype,
+    shape_is,
+    tensor_arg,
+)
 from mtmerge.reference.moe import ACTIVATIONS, SCORINGS
 
 __all__ = [
@@ -37,9 +51,6 @@ __all__ = [
     "moe_topk_gate",
     "router_z_loss",
 ]
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 class GateOutput(NamedTuple):
@@ -66,77 +77,6 @@ class AlignOutput(NamedTuple):
 
 
 # ---- checks -------------------------------------------------------------------------------------
-
-
-def _tensor(t, name: str, dtypes: Sequence[torch.dtype], what: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must be {what}, got {t.dtype}")
-    return t
-
-
-def _float_tensor(t, name: str) -> Tensor:
-    return _tensor(t, name, FLOAT_DTYPES, "float32, bfloat16, float16 or float64")
-
-
-def _index_tensor(t, name: str) -> Tensor:
-    return _tensor(t, name, INDEX_DTYPES, "int32 or int64")
-
-
-def _int(value, name: str, low: int, high: int | None = None, what: str = "") -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}{what}, got {name} = {value}")
-    return value
-
-
-def _choice(value, allowed: Sequence[str], name: str) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-    return value
-
-
-def _flag(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _same_dtype(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: they must match")
-
-
-def _shape(t: Tensor, name: str, shape: Sequence[int], layout: str) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def _check_ids_range(ids: Tensor, name: str, low: int, high: int) -> None:
-    """Every entry of ``ids`` in ``[low, high)`` (one min/max reduction read back)."""
-    if ids.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
-    if lo < low or hi >= high:
-        bad = lo if lo < low else hi
-        raise ValueError(f"{name} must be in [{low}, {high}), got a value of {bad}")
-
-
-def _check_not_nan(t: Tensor, name: str) -> None:
-    if t.numel() and bool(torch.isnan(t).any()):
-        raise ValueError(f"{name} contains NaN")
 
 
 # ---- gating -------------------------------------------------------------------------------------
@@ -168,19 +108,19 @@ def moe_topk_gate(logits: Tensor, k: int, *, scoring: str = "softmax", renormali
         k largest ``s + bias`` per token in descending order, ties by lower expert index.
         Differentiable with respect to ``logits``.
     """
-    logits = _float_tensor(logits, "logits")
+    logits = float_arg(logits, "logits")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
     num_experts = logits.shape[1]
-    k = _int(k, "k", 0, num_experts, f" (E = {num_experts} experts)")
-    scoring = _choice(scoring, SCORINGS, "scoring")
-    renormalize = _flag(renormalize, "renormalize")
+    k = int_arg(k, "k", 0, num_experts, f" (E = {num_experts} experts)")
+    scoring = choice(scoring, SCORINGS, "scoring")
+    renormalize = flag_arg(renormalize, "renormalize")
     if bias is not None:
-        bias = _float_tensor(bias, "bias")
-        _shape(bias, "bias", (num_experts,), "[E]")
-        _same_device(bias, "bias", logits, "logits")
-        _check_not_nan(bias, "bias")
-    _check_not_nan(logits, "logits")
+        bias = float_arg(bias, "bias")
+        shape_is(bias, "bias", (num_experts,), "[E]")
+        same_device(bias, "bias", logits, "logits")
+        no_nan(bias, "bias")
+    no_nan(logits, "logits")
     weights, ids = torch.ops.mtmerge.moe_topk_gate(logits=logits, k=k, scoring=scoring, renormalize=renormalize,
                                                    bias=bias)
     return GateOutput(weights, ids)
@@ -213,32 +153,32 @@ def moe_task_gate(x: Tensor, router: Tensor, task_ids: Tensor, k: int, *, expert
         float64 x) with ``-inf`` at masked experts. Differentiable with respect to ``x`` and
         ``router``.
     """
-    x = _float_tensor(x, "x")
+    x = float_arg(x, "x")
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
-    router = _float_tensor(router, "router")
+    router = float_arg(router, "router")
     if router.dim() != 3 or router.shape[2] != x.shape[1]:
         raise ValueError(f"router must be [n_tasks, E, H] with H = {x.shape[1]}, got shape {tuple(router.shape)}")
-    _same_dtype(router, "router", x, "x")
-    _same_device(router, "router", x, "x")
+    same_dtype(router, "router", x, "x")
+    same_device(router, "router", x, "x")
     num_tasks, num_experts = router.shape[:2]
     if num_tasks == 0:
         raise ValueError("router must hold at least one task (n_tasks >= 1)")
-    task_ids = _index_tensor(task_ids, "task_ids")
-    _shape(task_ids, "task_ids", (x.shape[0],), "[T]")
-    _same_device(task_ids, "task_ids", x, "x")
+    task_ids = index_arg(task_ids, "task_ids")
+    shape_is(task_ids, "task_ids", (x.shape[0],), "[T]")
+    same_device(task_ids, "task_ids", x, "x")
     allowed = num_experts
     if expert_mask is not None:
-        expert_mask = _tensor(expert_mask, "expert_mask", (torch.bool,), "bool")
-        _shape(expert_mask, "expert_mask", (num_tasks, num_experts), "[n_tasks, E]")
-        _same_device(expert_mask, "expert_mask", x, "x")
+        expert_mask = tensor_arg(expert_mask, "expert_mask", (torch.bool,), "bool")
+        shape_is(expert_mask, "expert_mask", (num_tasks, num_experts), "[n_tasks, E]")
+        same_device(expert_mask, "expert_mask", x, "x")
         allowed = int(expert_mask.sum(dim=1).min())
-    k = _int(k, "k", 0, allowed, f" (the fewest experts a task may use is {allowed})")
-    scoring = _choice(scoring, SCORINGS, "scoring")
-    renormalize = _flag(renormalize, "renormalize")
-    _check_ids_range(task_ids, "task_ids", 0, num_tasks)
-    _check_not_nan(x, "x")
-    _check_not_nan(router, "router")
+    k = int_arg(k, "k", 0, allowed, f" (the fewest experts a task may use is {allowed})")
+    scoring = choice(scoring, SCORINGS, "scoring")
+    renormalize = flag_arg(renormalize, "renormalize")
+    ids_in_range(task_ids, "task_ids", 0, num_tasks)
+    no_nan(x, "x")
+    no_nan(router, "router")
     weights, ids, logits = torch.ops.mtmerge.moe_task_gate(x=x, router=router, task_ids=task_ids, k=k,
                                                            expert_mask=expert_mask, scoring=scoring,
                                                            renormalize=renormalize)
@@ -269,12 +209,12 @@ def moe_align(ids: Tensor, num_experts: int, *, capacity: int | None = None) -> 
         ``sorted_slots[offsets[e]:offsets[e+1]]``); ``dropped`` 0-dim int64, the routed slots
         beyond capacity. Bit-identical on every backend.
     """
-    ids = _index_tensor(ids, "ids")
+    ids = index_arg(ids, "ids")
     if ids.dim() != 2:
         raise ValueError(f"ids must be [T, k], got shape {tuple(ids.shape)}")
-    num_experts = _int(num_experts, "num_experts", 1)
-    capacity = -1 if capacity is None else _int(capacity, "capacity", 0)
-    _check_ids_range(ids, "ids", -1, num_experts)
+    num_experts = int_arg(num_experts, "num_experts", 1)
+    capacity = -1 if capacity is None else int_arg(capacity, "capacity", 0)
+    ids_in_range(ids, "ids", -1, num_experts)
     sorted_slots, offsets, dropped = torch.ops.mtmerge.moe_align(ids=ids, num_experts=num_experts, capacity=capacity)
     return AlignOutput(sorted_slots, offsets, dropped)
 
@@ -313,39 +253,39 @@ def moe_experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: 
         ``e = ids[t, j]``, accumulated in float32, summed in ``j`` order. Differentiable with
         respect to ``x``, ``gate_up``, ``down``, ``weights`` and the biases.
     """
-    x = _float_tensor(x, "x")
+    x = float_arg(x, "x")
     if x.dim() < 1:
         raise ValueError("x must be [..., H], got a 0-d tensor")
     hidden = x.shape[-1]
-    gate_up = _float_tensor(gate_up, "gate_up")
-    down = _float_tensor(down, "down")
+    gate_up = float_arg(gate_up, "gate_up")
+    down = float_arg(down, "down")
     if gate_up.dim() != 3 or gate_up.shape[2] != hidden or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be [E, 2F, H] with H = {hidden} and an even 2F, "
                          f"got shape {tuple(gate_up.shape)}")
     num_experts, two_f = gate_up.shape[:2]
-    _shape(down, "down", (num_experts, hidden, two_f // 2), "[E, H, F]")
+    shape_is(down, "down", (num_experts, hidden, two_f // 2), "[E, H, F]")
     for name, t in (("gate_up", gate_up), ("down", down)):
-        _same_dtype(t, name, x, "x")
-        _same_device(t, name, x, "x")
-    weights = _float_tensor(weights, "weights")
-    ids = _index_tensor(ids, "ids")
+        same_dtype(t, name, x, "x")
+        same_device(t, name, x, "x")
+    weights = float_arg(weights, "weights")
+    ids = index_arg(ids, "ids")
     num_tokens = math.prod(x.shape[:-1])
     if ids.dim() < 1 or ids.shape[:-1] not in (torch.Size([num_tokens]), x.shape[:-1]):
         raise ValueError(f"ids must be [T, k] or [..., k] with x's leading shape {tuple(x.shape[:-1])}, "
                          f"got shape {tuple(ids.shape)}")
     if weights.shape != ids.shape:
         raise ValueError(f"weights has shape {tuple(weights.shape)} but ids has {tuple(ids.shape)}: they must match")
-    _same_device(weights, "weights", x, "x")
-    _same_device(ids, "ids", x, "x")
-    activation = _choice(activation, ACTIVATIONS, "activation")
+    same_device(weights, "weights", x, "x")
+    same_device(ids, "ids", x, "x")
+    activation = choice(activation, ACTIVATIONS, "activation")
     for name, t, shape, layout in (("gate_up_bias", gate_up_bias, (num_experts, two_f), "[E, 2F]"),
                                    ("down_bias", down_bias, (num_experts, hidden), "[E, H]")):
         if t is not None:
-            _float_tensor(t, name)
-            _shape(t, name, shape, layout)
-            _same_dtype(t, name, x, "x")
-            _same_device(t, name, x, "x")
-    _check_ids_range(ids, "ids", -1, num_experts)
+            float_arg(t, name)
+            shape_is(t, name, shape, layout)
+            same_dtype(t, name, x, "x")
+            same_device(t, name, x, "x")
+    ids_in_range(ids, "ids", -1, num_experts)
     k = ids.shape[-1]
     y = torch.ops.mtmerge.moe_experts(x=x.reshape(num_tokens, hidden), gate_up=gate_up, down=down,
                                       weights=weights.reshape(num_tokens, k), ids=ids.reshape(num_tokens, k),
@@ -359,24 +299,24 @@ def moe_experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: 
 def _layers(value, name: str, dtypes, what: str) -> list[Tensor]:
     """A tensor or a non-empty sequence of tensors (one per layer), as a list."""
     if isinstance(value, Tensor):
-        return [_tensor(value, name, dtypes, what)]
+        return [tensor_arg(value, name, dtypes, what)]
     if not isinstance(value, Sequence) or isinstance(value, str | bytes):
         raise TypeError(f"{name} must be a tensor or a sequence of tensors (one per layer), "
                         f"got {type(value).__name__}")
     if not value:
         raise ValueError(f"{name} must hold at least one tensor, got an empty sequence")
-    return [_tensor(t, f"{name}[{i}]", dtypes, what) for i, t in enumerate(value)]
+    return [tensor_arg(t, f"{name}[{i}]", dtypes, what) for i, t in enumerate(value)]
 
 
 def _router_logits(router_logits, num_experts: int | None = None) -> Tensor:
     """Per-layer ``[T_l, E]`` logits concatenated into ``[sum T_l, E]`` on the first's device."""
-    layers = _layers(router_logits, "router_logits", FLOAT_DTYPES, "float32, bfloat16, float16 or float64")
+    layers = _layers(router_logits, "router_logits", ANY_FLOAT_DTYPES, "float32, bfloat16, float16 or float64")
     for i, t in enumerate(layers):
         label = "router_logits" if len(layers) == 1 else f"router_logits[{i}]"
         columns = layers[0].shape[-1] if num_experts is None else num_experts
         if t.dim() != 2 or t.shape[1] != columns:
             raise ValueError(f"{label} must be [T, E] with E = {columns}, got shape {tuple(t.shape)}")
-        _same_dtype(t, label, layers[0], "router_logits[0]")
+        same_dtype(t, label, layers[0], "router_logits[0]")
     device = layers[0].device
     return torch.cat([t.to(device) for t in layers]) if len(layers) > 1 else layers[0]
 
@@ -406,11 +346,11 @@ def load_balancing_loss(router_logits: Tensor | Sequence[Tensor], ids: Tensor | 
         ``E * sum_e (count_e / T) * mean_t softmax(logits)[t, e]``; 0 when there are no tokens.
         Differentiable with respect to ``router_logits``.
     """
-    num_experts = _int(num_experts, "num_experts", 1)
-    k = _int(k, "k", 0, num_experts, f" (num_experts = {num_experts})")
+    num_experts = int_arg(num_experts, "num_experts", 1)
+    k = int_arg(k, "k", 0, num_experts, f" (num_experts = {num_experts})")
     logits = _router_logits(router_logits, num_experts)
     if ids is None:
-        _check_not_nan(logits, "router_logits")
+        no_nan(logits, "router_logits")
         chosen = torch.ops.mtmerge.moe_topk_gate(logits=logits.detach(), k=k, scoring="softmax", renormalize=False,
                                                  bias=None)[1]
     else:
@@ -425,7 +365,7 @@ def load_balancing_loss(router_logits: Tensor | Sequence[Tensor], ids: Tensor | 
             else id_layers[0].to(logits.device)
         if chosen.shape[0] != logits.shape[0]:
             raise ValueError(f"ids has {chosen.shape[0]} rows but router_logits has {logits.shape[0]}: one per token")
-        _check_ids_range(chosen, "ids", -1, num_experts)
+        ids_in_range(chosen, "ids", -1, num_experts)
     return torch.ops.mtmerge.moe_load_balancing_loss(router_logits=logits, ids=chosen, num_experts=num_experts)
 
 
