@@ -33,31 +33,17 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from mtmerge.nn._init import positive_int, uniform_
 from mtmerge.ops.lowrank import LamaOutput, lama_pool, linformer_attention, multi_lora
 
 __all__ = ["LAMAPooling", "LamaOutput", "LinformerSelfAttention", "MultiLoRALinear"]
 
 
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _uniform_(param: Tensor | None, bound: float, generator: torch.Generator | None) -> None:
-    """Fill ``param`` with U(-bound, bound) drawn on the CPU in float32 (device-independent)."""
-    if param is None or param.is_meta:
-        return
-    values = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-    with torch.no_grad():
-        param.copy_(values)
-
-
 def _reset_linear(linear: nn.Linear, generator: torch.Generator | None) -> None:
     """``nn.Linear``'s default bounds, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight and bias."""
     bound = 1.0 / math.sqrt(linear.in_features) if linear.in_features else 0.0
-    _uniform_(linear.weight, bound, generator)
-    _uniform_(linear.bias, bound, generator)
+    uniform_(linear.weight, bound, generator)
+    uniform_(linear.bias, bound, generator)
 
 
 class _Seeded(nn.Module):
@@ -103,8 +89,8 @@ class LAMAPooling(_Seeded):
     def __init__(self, dim: int, heads: int, *, seed: int | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.dim = _positive_int(dim, "dim")
-        self.heads = _positive_int(heads, "heads")
+        self.dim = positive_int(dim, "dim")
+        self.heads = positive_int(heads, "heads")
         self.seed = seed
         self.P = nn.Parameter(torch.empty(dim, heads, device=device, dtype=dtype))
         self.Q = nn.Parameter(torch.empty(dim, heads, device=device, dtype=dtype))
@@ -114,8 +100,8 @@ class LAMAPooling(_Seeded):
         """Re-initialize ``P`` and ``Q`` (``generator``, else the layer's ``seed``, else torch's RNG)."""
         generator = self._generator(generator)
         bound = 1.0 / math.sqrt(self.dim)
-        _uniform_(self.P, bound, generator)
-        _uniform_(self.Q, bound, generator)
+        uniform_(self.P, bound, generator)
+        uniform_(self.Q, bound, generator)
 
     def forward(self, h: Tensor, mask: Tensor | None = None, context: Tensor | None = None) -> LamaOutput:
         """Pool the tokens of ``h``.
@@ -198,15 +184,15 @@ class LinformerSelfAttention(_Seeded):
                  share_kv: bool = False, dropout: float = 0.0, bias: bool = True, seed: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.dim = _positive_int(dim, "dim")
-        self.heads = _positive_int(heads, "heads")
-        self.seq_len = _positive_int(seq_len, "seq_len")
-        self.rank = _positive_int(k, "k")
+        self.dim = positive_int(dim, "dim")
+        self.heads = positive_int(heads, "heads")
+        self.seq_len = positive_int(seq_len, "seq_len")
+        self.rank = positive_int(k, "k")
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim={dim} is not divisible by heads={heads}: pass head_dim")
             head_dim = dim // heads
-        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.head_dim = positive_int(head_dim, "head_dim")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
@@ -233,8 +219,8 @@ class LinformerSelfAttention(_Seeded):
         for linear in (self.to_q, self.to_k, self.to_v, self.to_out):
             _reset_linear(linear, generator)
         bound = 1.0 / math.sqrt(self.seq_len)
-        _uniform_(self.E, bound, generator)
-        _uniform_(self.F, bound, generator)
+        uniform_(self.E, bound, generator)
+        uniform_(self.F, bound, generator)
 
     def _heads(self, t: Tensor) -> Tensor:
         """``[B, N, Hh*d]`` -> ``[B, Hh, N, d]``."""
@@ -363,8 +349,8 @@ class MultiLoRALinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         self.base_layer = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.num_tasks = _positive_int(num_tasks, "num_tasks")
-        self.r = _positive_int(r, "r")
+        self.num_tasks = positive_int(num_tasks, "num_tasks")
+        self.r = positive_int(r, "r")
         self.use_rslora = bool(use_rslora)
         self.alpha = float(r if alpha is None else alpha)
         if not 0.0 <= float(dropout) < 1.0:
@@ -380,7 +366,7 @@ class MultiLoRALinear(nn.Module):
         self.ranks = [r] * num_tasks
         self.task_names: list[str] | None = None
         if shared_adapter:
-            self.shared_r = _positive_int(r if shared_r is None else shared_r, "shared_r")
+            self.shared_r = positive_int(r if shared_r is None else shared_r, "shared_r")
             self.shared_alpha = float(self.alpha if shared_alpha is None else shared_alpha)
             self.shared_A = nn.Parameter(torch.empty(1, self.shared_r, self.in_features, **factory))
             self.shared_B = nn.Parameter(torch.empty(1, self.out_features, self.shared_r, **factory))
@@ -408,7 +394,7 @@ class MultiLoRALinear(nn.Module):
         generator = self._generator(generator)
         bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
         for A, B in ((self.lora_A, self.lora_B), (self.shared_A, self.shared_B)):
-            _uniform_(A, bound, generator)
+            uniform_(A, bound, generator)
             if B is not None:
                 with torch.no_grad():
                     B.zero_()

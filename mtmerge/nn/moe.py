@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mtmerge.nn._init import positive_int, uniform_
 from mtmerge.ops.moe import load_balancing_loss, moe_experts, moe_task_gate, moe_topk_gate, router_z_loss
 
 __all__ = ["MoEFeedForward", "MoEOutput", "TaskMoE", "default_task_experts"]
@@ -70,21 +71,6 @@ def default_task_experts(num_tasks: int, num_experts: int, experts_per_task: int
     return mask
 
 
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _uniform_(param: Tensor | None, bound: float, generator: torch.Generator | None) -> None:
-    """Fill ``param`` with U(-bound, bound) drawn on the CPU in float32 (device-independent)."""
-    if param is None or param.is_meta:
-        return
-    values = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-    with torch.no_grad():
-        param.copy_(values)
-
-
 class _ExpertBank(nn.Module):
     """The experts shared by both layers: ``gate_up [E, 2F, H]``, ``down [E, H, F]``, optional
     biases ``gate_up_bias [E, 2F]`` and ``down_bias [E, H]``."""
@@ -92,9 +78,9 @@ class _ExpertBank(nn.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *, activation: str, scoring: str,
                  renormalize: bool, bias: bool, seed: int | None, device, dtype) -> None:
         super().__init__()
-        self.hidden = _positive_int(hidden, "hidden")
-        self.ffn = _positive_int(ffn, "ffn")
-        self.num_experts = _positive_int(num_experts, "num_experts")
+        self.hidden = positive_int(hidden, "hidden")
+        self.ffn = positive_int(ffn, "ffn")
+        self.num_experts = positive_int(num_experts, "num_experts")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an int in [0, num_experts={num_experts}], got {top_k!r}")
         if activation not in ACTIVATIONS:
@@ -124,10 +110,10 @@ class _ExpertBank(nn.Module):
     def _reset_experts(self, generator: torch.Generator | None) -> None:
         """nn.Linear's default bounds per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
         in_bound, ffn_bound = 1.0 / math.sqrt(self.hidden), 1.0 / math.sqrt(self.ffn)
-        _uniform_(self.gate_up, in_bound, generator)
-        _uniform_(self.down, ffn_bound, generator)
-        _uniform_(self.gate_up_bias, in_bound, generator)
-        _uniform_(self.down_bias, ffn_bound, generator)
+        uniform_(self.gate_up, in_bound, generator)
+        uniform_(self.down, ffn_bound, generator)
+        uniform_(self.gate_up_bias, in_bound, generator)
+        uniform_(self.down_bias, ffn_bound, generator)
 
     def _flat(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden:
@@ -215,7 +201,7 @@ class MoEFeedForward(_ExpertBank):
         projection (fan-in ``H`` for ``gate_up``, ``F`` for ``down``).
         """
         generator = self._generator(generator)
-        _uniform_(self.router, 1.0 / math.sqrt(self.hidden), generator)
+        uniform_(self.router, 1.0 / math.sqrt(self.hidden), generator)
         self._reset_experts(generator)
 
     def forward(self, x: Tensor) -> MoEOutput:
@@ -279,7 +265,7 @@ class TaskMoE(_ExpertBank):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(hidden, ffn, num_experts, top_k, activation=activation, scoring=scoring,
                          renormalize=renormalize, bias=bias, seed=seed, device=device, dtype=dtype)
-        self.num_tasks = _positive_int(num_tasks, "num_tasks")
+        self.num_tasks = positive_int(num_tasks, "num_tasks")
         mask = self._mask(experts_per_task, expert_mask)
         # per task: None (every expert), a slice (a contiguous block) or the sorted expert indices
         self._subsets: list[slice | list[int] | None] = [self._subset(mask, t) for t in range(num_tasks)]
@@ -293,7 +279,7 @@ class TaskMoE(_ExpertBank):
         if experts_per_task is not None and expert_mask is not None:
             raise ValueError("give experts_per_task or expert_mask, not both")
         if experts_per_task is not None:
-            mask = default_task_experts(self.num_tasks, self.num_experts, _positive_int(experts_per_task,
+            mask = default_task_experts(self.num_tasks, self.num_experts, positive_int(experts_per_task,
                                                                                          "experts_per_task"))
         elif expert_mask is not None:
             mask = torch.as_tensor(expert_mask).detach().cpu()
@@ -321,7 +307,7 @@ class TaskMoE(_ExpertBank):
         """Re-initialize every parameter (``generator``, else the layer's ``seed``, else torch's RNG);
         each task's router as ``nn.Linear(H, E)``, the experts as in :class:`MoEFeedForward`."""
         generator = self._generator(generator)
-        _uniform_(self.router, 1.0 / math.sqrt(self.hidden), generator)
+        uniform_(self.router, 1.0 / math.sqrt(self.hidden), generator)
         self._reset_experts(generator)
 
     def task_experts(self, task: int) -> list[int]:
