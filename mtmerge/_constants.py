@@ -46,3 +46,9 @@ MERGE_SUM = 1
 MERGE_MAX = 2
 DIVISOR_COUNT = 0
 DIVISOR_WEIGHT = 1
+
+# ---- MoE ---------------------------------------------------------------------------------------
+# gpt-oss's clamped GLU (the "gpt_oss" activation): gate = min(gate, LIMIT),
+# up = clamp(up, -LIMIT, LIMIT), a = (up + 1) * gate * sigmoid(ALPHA * gate)
+GPT_OSS_LIMIT = 7.0
+GPT_OSS_ALPHA = 1.702

@@ -24,9 +24,9 @@ def cpp_name(python_name: str) -> str:
     return "k" + "".join(part[:1].upper() + part[1:].lower() for part in python_name.split("_"))
 
 
-def python_constants() -> dict[str, int]:
+def python_constants() -> dict[str, int | float]:
     return {name: value for name, value in vars(_constants).items()
-            if name.isupper() and not name.startswith("_") and isinstance(value, int)}
+            if name.isupper() and not name.startswith("_") and isinstance(value, int | float)}
 
 
 def _evaluate(expr: str, known: dict[str, int]) -> int:
@@ -35,12 +35,13 @@ def _evaluate(expr: str, known: dict[str, int]) -> int:
     text = re.sub(r"static_cast<[\w:\s]+>\s*", "", text)
     text = re.sub(r"\b(?:std::)?u?int(?:8|16|32|64)_t\s*(?=\()", "", text)  # functional casts int64_t(1)
     text = re.sub(r"\b(0[xX][0-9a-fA-F]+|\d+)[uUlL]+\b", r"\1", text)  # literal suffixes
+    text = re.sub(r"\b(\d+\.\d*)[fF]\b", r"\1", text)  # float literal suffix
     text = text.replace("/", "//")
 
     def walk(node: ast.AST) -> int:
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
             return node.value
         if isinstance(node, ast.Name) and node.id in known:
             return known[node.id]
@@ -70,6 +71,7 @@ def test_the_name_rule():
     assert _evaluate("0x7F800000u", {}) == 0x7F800000
     assert _evaluate("std::numeric_limits<int64_t>::max()", {}) == 2**63 - 1
     assert _evaluate("kA + 1", {"kA": 3}) == 4
+    assert _evaluate("1.702", {}) == 1.702 and _evaluate("7.0f", {}) == 7.0
 
 
 def test_header_mirrors_python_constants():

@@ -48,6 +48,10 @@ constexpr int64_t kMergeMax = 2;
 constexpr int64_t kDivisorCount = 0;
 constexpr int64_t kDivisorWeight = 1;
 
+// MoE: gpt-oss's clamped GLU (the "gpt_oss" activation)
+constexpr double kGptOssLimit = 7.0;
+constexpr double kGptOssAlpha = 1.702;
+
 static_assert(kInt64Max == std::numeric_limits<int64_t>::max());
 
 }  // namespace mtmerge::constants

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mtmerge import _constants
+
 from ..merge._common import EXACT, interpreting, store_as
 
 __all__ = [
@@ -37,8 +39,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # activation codes (constexpr ACT of the kernels)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
 ACT_GPT_OSS = tl.constexpr(4)
-GPT_OSS_LIMIT = tl.constexpr(7.0)
-GPT_OSS_ALPHA = tl.constexpr(1.702)
+GPT_OSS_LIMIT = tl.constexpr(_constants.GPT_OSS_LIMIT)
+GPT_OSS_ALPHA = tl.constexpr(_constants.GPT_OSS_ALPHA)
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)

@@ -35,14 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mtmerge._constants import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from mtmerge.ops.moe import moe_experts
 
 __all__ = ["NAME", "ExpertsLayout", "UnsupportedExpertsLayoutError", "experts_layout", "mtmerge_experts_forward",
            "register"]
 
 NAME = "mtmerge"
-GPT_OSS_ALPHA = 1.702
-GPT_OSS_LIMIT = 7.0
 
 
 class UnsupportedExpertsLayoutError(ValueError):

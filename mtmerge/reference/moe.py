@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the usual alias)
 from torch import Tensor
 
+from mtmerge._constants import GPT_OSS_ALPHA, GPT_OSS_LIMIT
+
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
-GPT_OSS_LIMIT = 7.0  # gpt-oss clamps gate to (-inf, 7] and up to [-7, 7]
-GPT_OSS_ALPHA = 1.702  # gpt-oss's GLU: gate * sigmoid(1.702 * gate)
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 _GELU_TANH_A = 0.044715
 
