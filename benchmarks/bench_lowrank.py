@@ -65,7 +65,6 @@ figures in both modes. ``--quick``: tiny sizes of every section, 3 repeats.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -85,16 +84,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_lowrank.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_moe import isa_summary, l3_bytes, load_average, median_ms  # noqa: E402
-from benchmarks.gpu_mode import bench_ms, markdown_table, require_gpu, write_json  # noqa: E402
+from benchmarks import _common as common  # noqa: E402
+from benchmarks._common import Measure, as_words, check, rel_diff  # noqa: E402
+from benchmarks.gpu_mode import markdown_table, require_gpu, write_json  # noqa: E402
 from mtmerge.nn.lowrank import MultiLoRALinear  # noqa: E402
 
 SECTIONS = ("lora", "linformer", "lama")
 LORA_TARGET = 1.1
 LAMA_TARGET = 2.0
 OPS = ("multi_lora", "linformer_attention", "lama_pool")
-
-Measure = Callable[[Callable[[], object]], float]  # a program -> milliseconds
 
 
 @dataclass(frozen=True)
@@ -138,26 +136,9 @@ class Timing:
     device: str
 
 
-def _rel_diff(ours: Tensor, peer: Tensor) -> float:
-    peer = peer.float()
-    return float((ours.float() - peer).abs().max() / peer.abs().max().clamp_min(1e-30))
-
-
-def _words(t: Tensor) -> Tensor:
-    """``t``'s bytes as int32 (int16 when the byte count is not a multiple of 4) words."""
-    flat = t.detach().reshape(-1)
-    return flat.view(torch.int32) if (flat.numel() * flat.element_size()) % 4 == 0 else flat.view(torch.int16)
-
-
 def _time_all(row: Row, programs: dict[str, Callable[[], object]], timing: Timing, required: Sequence[str]) -> None:
     """Time every program into ``row.ms``; a peer that fails is reported, ours re-raises."""
-    for name, prog in programs.items():
-        try:
-            row.ms[name] = timing.measure(prog)
-        except Exception as exc:  # a peer that cannot run here is reported, not fatal
-            if name in required:
-                raise
-            row.errors[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    common.time_programs(row.ms, row.errors, programs, timing.measure, required)
 
 
 def _ratio(row: Row, num: str, den: str) -> None:
@@ -214,7 +195,7 @@ def lora_row(layer: MultiLoRALinear, model: nn.Module | None, names: list[str], 
     ids = layer.task_ids_for(adapter_names)
     active = len(set(adapter_names))
     weight = layer.base_layer.weight
-    words = [_words(layer.lora_A[:active]), _words(layer.lora_B[:active])]
+    words = [as_words(layer.lora_A[:active]), as_words(layer.lora_B[:active])]
     row = Row("lora", str(x.dtype).removeprefix("torch."), threads,
               {"in": n, "out": layer.out_features, "adapters": num_adapters, "rank": r,
                "tokens": x.shape[0] * x.shape[1], "sequences": seqs, "active": active})
@@ -236,7 +217,7 @@ def lora_row(layer: MultiLoRALinear, model: nn.Module | None, names: list[str], 
     with torch.no_grad():
         _time_all(row, programs, timing, required=("base", "floor", "ours"))
     if "peft" in keep:
-        row.max_rel_diff = _rel_diff(keep["ours"], keep["peft"])
+        row.max_rel_diff = rel_diff(keep["ours"], keep["peft"])
     for name in ("ours", "peft", "base"):
         _ratio(row, name, "floor")
     _ratio(row, "peft", "ours")
@@ -298,7 +279,7 @@ def linformer_row(sizes: Sizes, n: int, dtype: torch.dtype, threads: int | None,
     }
     _time_all(row, programs, timing, required=("ours", "ours+mask", "ours_fb", "ours+mask_fb"))
     if "comp" in keep:
-        row.max_rel_diff = _rel_diff(keep["ours"], keep["comp"])
+        row.max_rel_diff = rel_diff(keep["ours"], keep["comp"])
     for suffix in ("", "_fb"):
         for name in ("ours", "ours+mask", "sdpa"):
             _ratio(row, name + suffix, "comp" + suffix)
@@ -347,7 +328,7 @@ def lama_rows(sizes: Sizes, dtype: torch.dtype, threads: int | None, timing: Tim
         _time_all(row, {"ours": ours, "ref": ref}, timing, required=("ours",))
     _time_all(row, {"ours_fb": ours_fb, "ref_fb": ref_fb, "eager_fb": eager_fb}, timing, required=("ours_fb",))
     if "ref" in keep:
-        row.max_rel_diff = _rel_diff(keep["ours"], keep["ref"])
+        row.max_rel_diff = rel_diff(keep["ours"], keep["ref"])
     _ratio(row, "ref", "ours")
     _ratio(row, "ref_fb", "ours_fb")
     _ratio(row, "eager_fb", "ours_fb")
@@ -373,10 +354,7 @@ DIFF_PEER = {"lora": "peft", "linformer": "comp (no mask)", "lama": "ref"}
 
 
 def print_tables(rows: list[Row]) -> None:
-    groups: dict[tuple[str, str], list[Row]] = {}
-    for r in rows:
-        groups.setdefault((r.section, r.dtype), []).append(r)
-    for (section, dtype), group in groups.items():
+    for (section, dtype), group in common.grouped(rows, lambda r: (r.section, r.dtype)).items():
         keys, cells, times, ratios = TABLES[section]
         shape = ", ".join(f"{k}={v}" for k, v in group[0].shape.items() if k not in ("tokens", "sequences", "active",
                                                                                        "N"))
@@ -391,36 +369,29 @@ def print_tables(rows: list[Row]) -> None:
                 print(f"- {r.shape}: {name} failed: {err}")
 
 
-def _check(ok: bool) -> str:
-    return "ok" if ok else "MISS"
+def target_checks(r: Row) -> tuple[str, list[str]]:
+    """The row's label and its checks of the issue's targets (``ok`` / ``MISS``)."""
+    checks = []
+    if r.section == "lora":
+        checks.append(f"ours/floor {r.ratios['ours/floor']:.2f} {check(r.ratios['ours/floor'] <= LORA_TARGET)}")
+        label = f"T={r.shape['tokens']}"
+    elif r.section == "linformer":
+        for key in ("ours/comp", "ours+mask/comp", "ours_fb/comp_fb", "ours+mask_fb/comp_fb"):
+            if key in r.ratios:
+                checks.append(f"{key} {r.ratios[key]:.2f} {check(r.ratios[key] <= 1.0)}")
+        label = f"N={r.shape['N']}"
+    else:
+        for key in ("ref/ours", "ref_fb/ours_fb"):
+            if key in r.ratios:
+                checks.append(f"{key} {r.ratios[key]:.2f} {check(r.ratios[key] >= LAMA_TARGET)}")
+        label = f"B={r.shape['batch']} T={r.shape['tokens']}"
+    return f"{r.section}, {r.dtype}, {r.threads} thread(s), {label}", checks
 
 
 def print_targets(rows: list[Row]) -> list[str]:
     """One line per row: the issue's targets, ``ok`` / ``MISS``; returns the misses."""
-    print(f"\nTargets (lora: ours/floor <= {LORA_TARGET}; linformer: ours and ours+mask <= comp, fwd and fwd+bwd; "
-          f"lama: ref/ours >= {LAMA_TARGET}, fwd and fwd+bwd):")
-    misses = []
-    for r in rows:
-        checks = []
-        if r.section == "lora":
-            checks.append(f"ours/floor {r.ratios['ours/floor']:.2f} {_check(r.ratios['ours/floor'] <= LORA_TARGET)}")
-            label = f"T={r.shape['tokens']}"
-        elif r.section == "linformer":
-            for key in ("ours/comp", "ours+mask/comp", "ours_fb/comp_fb", "ours+mask_fb/comp_fb"):
-                if key in r.ratios:
-                    checks.append(f"{key} {r.ratios[key]:.2f} {_check(r.ratios[key] <= 1.0)}")
-            label = f"N={r.shape['N']}"
-        else:
-            for key in ("ref/ours", "ref_fb/ours_fb"):
-                if key in r.ratios:
-                    checks.append(f"{key} {r.ratios[key]:.2f} {_check(r.ratios[key] >= LAMA_TARGET)}")
-            label = f"B={r.shape['batch']} T={r.shape['tokens']}"
-        line = f"- {r.section}, {r.dtype}, {r.threads} thread(s), {label}: " + "; ".join(checks)
-        print(line)
-        if "MISS" in line:
-            misses.append(line)
-    print(f"\n{len(misses)} of {len(rows)} rows miss a target.")
-    return misses
+    return common.print_targets(f"lora: ours/floor <= {LORA_TARGET}; linformer: ours and ours+mask <= comp, fwd and "
+                                f"fwd+bwd; lama: ref/ours >= {LAMA_TARGET}, fwd and fwd+bwd", map(target_checks, rows))
 
 
 def backend_labels(device: str) -> dict[str, str]:
@@ -466,9 +437,8 @@ def header(device: str) -> str:
 
 def gpu_main(args: argparse.Namespace) -> dict[str, Any]:
     device_name = require_gpu(args.device)
-    print(f"mtmerge {mtmerge.__version__}, torch {torch.__version__}, {device_name}; {header(args.device)}; "
-          f"do_bench medians in ms (warmup {args.gpu_warmup} ms, rep {args.gpu_rep} ms)")
-    timing = Timing(lambda fn: bench_ms(fn, warmup=args.gpu_warmup, rep=args.gpu_rep), args.device)
+    print(common.gpu_header(device_name, header(args.device), args))
+    timing = Timing(common.gpu_measure(args), args.device)
     rows = run_all(args, [None], timing)
     print_tables(rows)
     print_targets(rows)
@@ -478,26 +448,12 @@ def gpu_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cpu_main(args: argparse.Namespace) -> dict[str, Any]:
-    isa = isa_summary()
-    flush_bytes = 0 if args.no_flush else min(2 * l3_bytes(), 512 << 20)
-    flush_buf = torch.empty(flush_bytes // 4, dtype=torch.int32) if flush_bytes else None
-
-    def flush() -> None:
-        if flush_buf is not None:
-            flush_buf.fill_(1)
-
-    build = _library._C.build_info() if _library._C is not None else {}
-    print(f"mtmerge {mtmerge.__version__}, torch {torch.__version__}; {header('cpu')}; load average at start "
-          f"{load_average()} on {os.cpu_count()} CPUs (others' work skews absolute times)")
-    print(f"ISA: {isa['isa']} (lscpu flags: {' '.join(isa['flags']) or '-'}); CPU: {isa['cpu']}; "
-          f"mtmerge._C multiversioned for: {', '.join(build.get('multiversioned_isas', ())) or '-'}")
-    print(f"peft: {_peft_peer().LABEL or _peft_peer().UNAVAILABLE}")
-    print(f"Medians of <= {args.repeats} timed calls after 1 warm-up, <= {args.budget:g} s of timed calls each; "
-          + (f"lora: caches flushed before each timed call (write {flush_bytes >> 20} MiB = 2x L3, untimed)"
-             if flush_bytes else "no cache flush (--no-flush)"))
-    plain = Timing(lambda fn: median_ms(fn, args.repeats, budget=args.budget), "cpu")
-    flushed = Timing(lambda fn: median_ms(fn, args.repeats, budget=args.budget, flush=flush if flush_bytes else None),
-                     "cpu")
+    isa = common.isa_summary()
+    flush_bytes, flush = common.cache_flush(not args.no_flush)
+    print(common.cpu_header(header("cpu"), isa, args, flush_bytes, flushed="lora: ",
+                            notes=[f"peft: {_peft_peer().LABEL or _peft_peer().UNAVAILABLE}"]))
+    plain = Timing(common.cpu_measure(args), "cpu")
+    flushed = Timing(common.cpu_measure(args, flush), "cpu")
     rows: list[Row] = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -506,9 +462,9 @@ def cpu_main(args: argparse.Namespace) -> dict[str, Any]:
             rows += run_all(sub, [threads], flushed if section == "lora" else plain)
     rows.sort(key=lambda r: (SECTIONS.index(r.section), args.dtypes.index(r.dtype), r.threads or 0))
     print_tables(rows)
-    print(f"\nLoad average at the end: {load_average()}")
+    print(f"\nLoad average at the end: {common.load_average()}")
     print_targets(rows)
-    result = payload(args, rows, "cpu", {"isa": isa, "flush_bytes": flush_bytes, "load_average_end": load_average()})
+    result = payload(args, rows, "cpu", common.cpu_figures(isa, flush_bytes))
     write_json(args.json, result)
     return result
 
@@ -517,29 +473,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="lora: T values (default 8 512)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="linformer: N values (default 1024 2048 4096 8192)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
-    parser.add_argument("--budget", type=float, default=1.0,
-                        help="stop repeating one measurement after this many seconds (at least 1 call)")
-    parser.add_argument("--no-flush", action="store_true", help="lora: do not evict the caches before each timed call")
     parser.add_argument("--quick", action="store_true", help="tiny sizes of every section, 3 repeats: a smoke run")
-    parser.add_argument("--gpu", action="store_true", help="GPU mode: Triton on CUDA timed by do_bench")
-    parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
-                        help="GPU mode's device (cpu: a smoke run of the script, not GPU figures)")
-    parser.add_argument("--gpu-warmup", type=int, default=10, help="do_bench warm-up, ms")
-    parser.add_argument("--gpu-rep", type=int, default=40, help="do_bench repetition time, ms")
-    parser.add_argument("--json", default=None, help="write the figures to this file")
+    common.add_mode_args(parser, flush_help="lora: ")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.budget = 3, 0.5
-    if args.gpu:
-        args.device = args.device or "cuda"
-        return gpu_main(args)
-    args.device = "cpu"
-    return cpu_main(args)
+    return common.run_mode(args, cpu_main, gpu_main)
 
 
 if __name__ == "__main__":

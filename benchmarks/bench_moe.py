@@ -69,11 +69,6 @@ figures in both modes.
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -91,13 +86,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_moe.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_mode import bench_ms, markdown_table, require_gpu, write_json  # noqa: E402
+from benchmarks import _common as common  # noqa: E402
+from benchmarks._common import Measure, as_words, check  # noqa: E402
+from benchmarks.gpu_mode import markdown_table, require_gpu, write_json  # noqa: E402
 
 IMPLS = ("ours", "eager", "grouped_mm")
 TOKENS = (1, 8, 64, 512, 2048)
 FLOOR_TARGET = 1.3
 FB_TARGET = 3.5
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
 @dataclass(frozen=True)
@@ -114,87 +110,6 @@ CONFIGS = {
     "fine": Config("fine-grained", 1024, 256, 64, 8),
 }
 QUICK = Config("quick", 128, 64, 8, 2)
-
-Measure = Callable[[Callable[[], object]], float]  # a program -> milliseconds
-
-
-# ---- the machine ---------------------------------------------------------------------------------
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags, from ``lscpu`` (``/proc/cpuinfo`` when lscpu is missing)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=20, check=False).stdout
-        for line in text.splitlines():
-            if line.startswith("Flags:"):
-                return set(line.split(":", 1)[1].split())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def isa_summary() -> dict[str, Any]:
-    """The widest vector ISA the CPU has (avx512f > avx2 > baseline) and the flags that matter here."""
-    flags = cpu_flags()
-    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline (no avx2)"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"isa": isa, "flags": [f for f in ISA_FLAGS if f in flags], "cpu": model}
-
-
-def l3_bytes() -> int:
-    """The L3 (last-level) cache size of cpu0, 32 MiB when sysfs does not say."""
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
-        return int(text.rstrip("KMGkmg")) * scale
-    except (OSError, ValueError):
-        return 32 << 20
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-# ---- timing ----------------------------------------------------------------------------------------
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1, budget: float = math.inf,
-              flush: Callable[[], object] | None = None) -> float:
-    """Median milliseconds of ``repeats`` timed calls after ``warmup`` calls; ``flush`` runs
-    (untimed) before each timed call; stops early (after at least one timed call) once the timed
-    calls have used ``budget`` seconds. A program whose first warm-up call alone takes ``budget``
-    seconds is timed by that call (its one-time costs are small beside its run time)."""
-    for i in range(warmup):
-        start = time.perf_counter()
-        fn()
-        if i == 0 and time.perf_counter() - start >= budget:
-            return (time.perf_counter() - start) * 1e3
-    times: list[float] = []
-    for _ in range(max(1, repeats)):
-        if flush is not None:
-            flush()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        if sum(times) >= budget:
-            break
-    return statistics.median(times) * 1e3
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -295,14 +210,9 @@ def forward_backward(prog: Program, b: Batch, gate_up: Tensor, down: Tensor) -> 
 # ---- the floor --------------------------------------------------------------------------------------
 
 
-def _words(t: Tensor) -> Tensor:
-    flat = t.reshape(-1)
-    return flat.view(torch.int32) if (flat.numel() * flat.element_size()) % 4 == 0 else flat.view(torch.int16)
-
-
 def read_floor_program(gate_up: Tensor, down: Tensor, active: int) -> Callable[[], object]:
     """Reads ``active`` experts' gate_up and down bytes once (int32 ``amax`` over contiguous slices)."""
-    words = [_words(gate_up.detach()[:active]), _words(down.detach()[:active])]
+    words = [as_words(gate_up[:active]), as_words(down[:active])]
     return lambda: [w.amax() for w in words]
 
 
@@ -368,18 +278,14 @@ def run_row(cfg: Config, dtype: torch.dtype, tokens: int, threads: int | None, g
 
     keep: dict[str, Tensor] = {}
     do_fb = timing.fb_max_tokens is None or tokens <= timing.fb_max_tokens
+    runs: dict[str, Callable[[], object]] = {}
     for name, prog in programs(gate_up, down, b.ids, modules).items():
-        try:
-            row.ms[name] = timing.measure(forward(prog, b, keep, name))
-            if do_fb:
-                row.ms[f"{name}_fb"] = timing.measure(forward_backward(prog, b, gate_up, down))
-        except Exception as exc:  # a peer that cannot run here is reported, not fatal
-            if name == "ours":
-                raise
-            row.errors[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        runs[name] = forward(prog, b, keep, name)
+        if do_fb:
+            runs[f"{name}_fb"] = forward_backward(prog, b, gate_up, down)
+    common.time_programs(row.ms, row.errors, runs, timing.measure, required=("ours", "ours_fb"))
     if "ours" in keep and "eager" in keep:
-        ref = keep["eager"].float()
-        row.max_rel_diff_vs_eager = float((keep["ours"].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        row.max_rel_diff_vs_eager = common.rel_diff(keep["ours"], keep["eager"])
     for name in IMPLS:
         if name in row.ms:
             row.ratios[f"{name}/floor"] = row.ms[name] / row.ms["floor"]
@@ -429,10 +335,7 @@ def table_cells(r: Row) -> list[Any]:
 
 
 def print_tables(rows: list[Row], paths: dict[tuple[str, str], str]) -> None:
-    groups: dict[tuple[str, str], list[Row]] = {}
-    for r in rows:
-        groups.setdefault((r.config, r.dtype), []).append(r)
-    for (config, dtype), group in groups.items():
+    for (config, dtype), group in common.grouped(rows, lambda r: (r.config, r.dtype)).items():
         r0 = group[0]
         print(f"\n### {config} (H={r0.hidden}, F={r0.ffn}, E={r0.experts}, k={r0.k}), {dtype}\n")
         print(markdown_table(COLUMNS, [table_cells(r) for r in group]))
@@ -450,32 +353,26 @@ def print_tables(rows: list[Row], paths: dict[tuple[str, str], str]) -> None:
                 print(f"- T={r.tokens}: {name} failed: {err}")
 
 
-def _check(ok: bool) -> str:
-    return "ok" if ok else "MISS"
+def target_checks(r: Row) -> tuple[str, list[str]]:
+    """The row's label and its checks of the issue's targets (``ok`` / ``MISS``)."""
+    checks = []
+    to_floor = r.ratios["ours/floor"]
+    checks.append(f"ours/floor {to_floor:.2f} {check(to_floor <= FLOOR_TARGET)}")
+    for peer in ("eager", "grouped_mm"):
+        for suffix, label in (("", "fwd"), ("_fb", "fb")):
+            if peer + suffix in r.ms and "ours" + suffix in r.ms:
+                speedup = r.ms[peer + suffix] / r.ms["ours" + suffix]
+                checks.append(f"{peer}/ours {label} {speedup:.2f} {check(speedup >= 1)}")
+    if "ours_fb/ours" in r.ratios:
+        fb = r.ratios["ours_fb/ours"]
+        checks.append(f"fb/fwd {fb:.2f} {check(fb <= FB_TARGET)}")
+    return f"{r.config}, {r.dtype}, {r.threads} thread(s), T={r.tokens}", checks
 
 
 def print_targets(rows: list[Row]) -> list[str]:
     """One line per row: the issue's targets, ``ok`` / ``MISS``; returns the misses."""
-    print("\nTargets (forward <= 1.3x floor; ours <= eager and grouped_mm, fwd and fwd+bwd; fwd+bwd <= 3.5x fwd):")
-    misses = []
-    for r in rows:
-        checks = []
-        to_floor = r.ratios["ours/floor"]
-        checks.append(f"ours/floor {to_floor:.2f} {_check(to_floor <= FLOOR_TARGET)}")
-        for peer in ("eager", "grouped_mm"):
-            for suffix, label in (("", "fwd"), ("_fb", "fb")):
-                if peer + suffix in r.ms and "ours" + suffix in r.ms:
-                    speedup = r.ms[peer + suffix] / r.ms["ours" + suffix]
-                    checks.append(f"{peer}/ours {label} {speedup:.2f} {_check(speedup >= 1)}")
-        if "ours_fb/ours" in r.ratios:
-            fb = r.ratios["ours_fb/ours"]
-            checks.append(f"fb/fwd {fb:.2f} {_check(fb <= FB_TARGET)}")
-        line = f"- {r.config}, {r.dtype}, {r.threads} thread(s), T={r.tokens}: " + "; ".join(checks)
-        print(line)
-        if "MISS" in line:
-            misses.append(line)
-    print(f"\n{len(misses)} of {len(rows)} rows miss a target.")
-    return misses
+    return common.print_targets("forward <= 1.3x floor; ours <= eager and grouped_mm, fwd and fwd+bwd; fwd+bwd <= "
+                                "3.5x fwd", map(target_checks, rows))
 
 
 def backend_label(device: str) -> str:
@@ -526,10 +423,8 @@ def run_all(args: argparse.Namespace, thread_counts: Sequence[int | None], timin
 
 def gpu_main(args: argparse.Namespace) -> dict[str, Any]:
     device_name = require_gpu(args.device)
-    print(f"mtmerge {mtmerge.__version__}, torch {torch.__version__}, {device_name}; moe_experts on "
-          f"{args.device}: {backend_label(args.device)}; do_bench medians in ms (warmup {args.gpu_warmup} ms, "
-          f"rep {args.gpu_rep} ms)")
-    timing = Timing(lambda fn: bench_ms(fn, warmup=args.gpu_warmup, rep=args.gpu_rep), [], args.fb_max_tokens)
+    print(common.gpu_header(device_name, f"moe_experts on {args.device}: {backend_label(args.device)}", args))
+    timing = Timing(common.gpu_measure(args), [], args.fb_max_tokens)
     rows, paths = run_all(args, [None], timing)
     print_tables(rows, paths)
     print_targets(rows)
@@ -539,30 +434,15 @@ def gpu_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cpu_main(args: argparse.Namespace) -> dict[str, Any]:
-    isa = isa_summary()
-    flush_bytes = 0 if args.no_flush else min(2 * l3_bytes(), 512 << 20)
-    flush_buf = torch.empty(flush_bytes // 4, dtype=torch.int32) if flush_bytes else None
-
-    def flush() -> None:
-        if flush_buf is not None:
-            flush_buf.fill_(1)
-
-    build = _library._C.build_info() if _library._C is not None else {}
-    print(f"mtmerge {mtmerge.__version__}, torch {torch.__version__}; moe_experts on CPU: {backend_label('cpu')}; "
-          f"load average at start {load_average()} on {os.cpu_count()} CPUs (others' work skews absolute times)")
-    print(f"ISA: {isa['isa']} (lscpu flags: {' '.join(isa['flags']) or 'none of ' + ', '.join(ISA_FLAGS)}); "
-          f"CPU: {isa['cpu']}; mtmerge._C multiversioned for: {', '.join(build.get('multiversioned_isas', ())) or '-'}")
-    print(f"Medians of <= {args.repeats} timed calls after 1 warm-up, <= {args.budget:g} s of timed calls each (a "
-          f"warm-up call over {args.budget:g} s is the measurement); "
-          + (f"caches flushed before each timed call (write {flush_bytes >> 20} MiB = 2x L3, untimed)"
-             if flush_bytes else "no cache flush (--no-flush)"))
+    isa = common.isa_summary()
+    flush_bytes, flush = common.cache_flush(not args.no_flush)
+    print(common.cpu_header(f"moe_experts on CPU: {backend_label('cpu')}", isa, args, flush_bytes))
     print("Preallocated, shared by every program: gate_up, down (the transformers modules hold these Parameters), "
           "x, routing weights (x's dtype) and ids (int64), grad_out, the gemm floor's operands and output; "
           "outputs and gradients are allocated by each call")
     if args.fb_max_tokens is not None:
         print(f"Forward + backward only for T <= {args.fb_max_tokens} (--fb-max-tokens)")
-    timing = Timing(lambda fn: median_ms(fn, args.repeats, budget=args.budget, flush=flush if flush_bytes else None),
-                    [], args.fb_max_tokens)
+    timing = Timing(common.cpu_measure(args, flush), [], args.fb_max_tokens)
 
     rows: list[Row] = []
     paths: dict[tuple[str, str], str] = {}
@@ -574,10 +454,9 @@ def cpu_main(args: argparse.Namespace) -> dict[str, Any]:
     order = {c.name: i for i, c in enumerate(select_configs(args))}
     rows.sort(key=lambda r: (order[r.config], args.dtypes.index(r.dtype), r.threads or 0, r.tokens))
     print_tables(rows, paths)
-    print(f"\nLoad average at the end: {load_average()}")
+    print(f"\nLoad average at the end: {common.load_average()}")
     print_targets(rows)
-    result = payload(args, rows, paths, "cpu", {"isa": isa, "flush_bytes": flush_bytes, "load_average_end":
-                                                load_average()})
+    result = payload(args, rows, paths, "cpu", common.cpu_figures(isa, flush_bytes))
     write_json(args.json, result)
     return result
 
@@ -591,33 +470,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--topk", type=int, default=None, help="a custom config's k")
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help=f"T values (default {list(TOKENS)})")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
-    parser.add_argument("--budget", type=float, default=1.0,
-                        help="stop repeating one measurement after this many seconds (at least 1 call)")
     parser.add_argument("--fb-max-tokens", type=int, default=None, help="forward + backward only up to this T")
-    parser.add_argument("--no-flush", action="store_true", help="do not evict the caches before each timed call")
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run: H={QUICK.hidden} F={QUICK.ffn} E={QUICK.experts} k={QUICK.k} unless given, "
                              "T = 1 and 16 unless given, 3 repeats")
-    parser.add_argument("--gpu", action="store_true", help="GPU mode: Triton on CUDA timed by do_bench")
-    parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
-                        help="GPU mode's device (cpu: a smoke run of the script, not GPU figures)")
-    parser.add_argument("--gpu-warmup", type=int, default=10, help="do_bench warm-up, ms")
-    parser.add_argument("--gpu-rep", type=int, default=40, help="do_bench repetition time, ms")
-    parser.add_argument("--json", default=None, help="write the figures to this file")
+    common.add_mode_args(parser)
     args = parser.parse_args(argv)
     if not hasattr(mtmerge, "moe_experts"):
         raise SystemExit("mtmerge.moe_experts is missing: this mtmerge has no moe family")
     if args.tokens is None:
         args.tokens = [1, 16] if args.quick else list(TOKENS)
-    if args.quick:
-        args.repeats, args.budget = 3, 0.5
-    if args.gpu:
-        args.device = args.device or "cuda"
-        return gpu_main(args)
-    args.device = "cpu"
-    return cpu_main(args)
+    return common.run_mode(args, cpu_main, gpu_main)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ if not hasattr(moe_integration, "ExpertsInterface"):
     pytest.skip("transformers predates ExpertsInterface (5.23+)", allow_module_level=True)
 
 from mtmerge.integrations import transformers as mt_tf  # noqa: E402
+from tests.ops.moe.helpers import record_moe_experts  # noqa: E402
 
 VOCAB = 64
 _BASE = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
@@ -73,15 +74,7 @@ def _registered():
 @pytest.fixture
 def calls(monkeypatch):
     """Every ``moe_experts`` call of the integration, recorded as (gate_up, down, ids, kwargs)."""
-    seen = []
-    real = mt_tf.moe_experts
-
-    def counting(x, gate_up, down, weights, ids, **kwargs):
-        seen.append((gate_up, down, ids.clone(), kwargs))
-        return real(x, gate_up, down, weights, ids, **kwargs)
-
-    monkeypatch.setattr(mt_tf, "moe_experts", counting)
-    return seen
+    return record_moe_experts(monkeypatch, mt_tf)
 
 
 def _classes(family):

@@ -12,6 +12,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from mtmerge.nn import MoEFeedForward, MoEOutput, TaskMoE, default_task_experts
 from mtmerge.nn import moe as nn_moe
+from tests.ops.moe.helpers import record_moe_experts
 
 TOL = {torch.float64: {"atol": 1e-10, "rtol": 1e-9}, torch.float32: {"atol": 1e-4, "rtol": 1e-4}}
 
@@ -239,14 +240,7 @@ def test_task_moe_one_task_touches_only_its_experts(monkeypatch, scattered):
     mask = (torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 1, 1]], dtype=torch.bool) if scattered
             else default_task_experts(2, 6, 3))
     layer = TaskMoE(10, 6, 6, 2, 2, expert_mask=mask, bias=True, seed=8)
-    seen = []
-    real = nn_moe.moe_experts
-
-    def counting(x, gate_up, down, weights, ids, **kwargs):
-        seen.append((gate_up, down, ids.clone(), kwargs))
-        return real(x, gate_up, down, weights, ids, **kwargs)
-
-    monkeypatch.setattr(nn_moe, "moe_experts", counting)
+    seen = record_moe_experts(monkeypatch, nn_moe)
     task = 1
     allowed = layer.task_experts(task)
     assert allowed == ([2, 4, 5] if scattered else [3, 4, 5])

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from tests.ops.family_checks import to_device
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CUDA = torch.cuda.is_available()
 # devices the public API and opcheck are run on (the C++ kernels on CPU, Triton on CUDA)
@@ -97,16 +99,6 @@ def make_lora(tokens: int = 9, in_features: int = 7, out_features: int = 5, rank
                 adapter_ids=ids.to(id_dtype),
                 scale=(torch.rand(adapters, generator=g) * 1.5 + 0.5).float(),
                 base=randn(tokens, out_features, dtype=dtype, seed=seed + 4) if base else None)
-
-
-def to_device(kwargs: dict, device) -> dict:
-    """Tensors of ``kwargs`` on ``device`` (leaves that require grad stay leaves)."""
-    def move(v):
-        if not isinstance(v, Tensor):
-            return v
-        return v.detach().to(device).requires_grad_() if v.requires_grad else v.to(device)
-
-    return {name: move(v) for name, v in kwargs.items()}
 
 
 def grads_on(kwargs: dict, names) -> dict:

@@ -9,30 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtmerge
 from mtmerge.reference import lowrank as ref
+from tests.ops import family_checks as checks
 from tests.ops.lowrank.helpers import DEVICES, make_lama, make_linformer, make_lora, randn
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels")
 D = torch.float64
-
-
-class _RecordOps(TorchDispatchMode):
-    """Names of the ops dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _leaf(t, device):
-    return t.detach().to(device).requires_grad_()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -41,35 +25,34 @@ def _leaf(t, device):
 def test_gradcheck_lama_pool(device, masked, context):
     kw = make_lama(3, 5, 4, 3, D, seed=100, masked=masked, context=context)
     names = ["h", "P", "Q"] + (["context"] if context else [])
-    leaves = [_leaf(kw[n], device) for n in names]
+    leaves = [checks.leaf(kw[n], device) for n in names]
     mask = None if kw["mask"] is None else kw["mask"].to(device)
 
     def fn(h, P, Q, *ctx):
         out = mtmerge.lama_pool(h, P, Q, mask=mask, context=ctx[0] if ctx else None)
         return out.attn, out.pooled
 
-    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7)
+    checks.assert_gradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_linformer_attention(device, masked):
     kw = make_linformer(2, 2, 3, 4, 3, 2, 6, D, seed=110, masked=masked)  # N = 4 < Nmax = 6
-    leaves = [_leaf(kw[n], device) for n in ("q", "k", "v", "E", "F")]
+    leaves = [checks.leaf(kw[n], device) for n in ("q", "k", "v", "E", "F")]
     mask = None if kw["key_padding_mask"] is None else kw["key_padding_mask"].to(device)
 
     def fn(q, k, v, E, F):
         return mtmerge.linformer_attention(q, k, v, E, F, key_padding_mask=mask)
 
-    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7)
+    checks.assert_gradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_linformer_attention_with_scale(device):
     kw = make_linformer(1, 1, 2, 5, 2, 3, 5, D, seed=111)
-    leaves = [_leaf(kw[n], device) for n in ("q", "k", "v", "E", "F")]
-    assert torch.autograd.gradcheck(lambda *t: mtmerge.linformer_attention(*t, scale=2.0), tuple(leaves),
-                                    eps=1e-6, atol=1e-7)
+    leaves = [checks.leaf(kw[n], device) for n in ("q", "k", "v", "E", "F")]
+    checks.assert_gradcheck(lambda *t: mtmerge.linformer_attention(*t, scale=2.0), leaves)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -78,22 +61,21 @@ def test_gradcheck_linformer_attention_with_scale(device):
 def test_gradcheck_multi_lora(device, rank, in_features, out_features, with_base):
     kw = make_lora(7, in_features, out_features, rank, 3, D, seed=120, base=with_base, unrouted=0.3)
     names = ["x", "A", "B"] + (["base"] if with_base else [])
-    leaves = [_leaf(kw[n], device) for n in names]
+    leaves = [checks.leaf(kw[n], device) for n in names]
     ids, scale = kw["adapter_ids"].to(device), kw["scale"].to(device)
 
     def fn(x, A, B, *base):
         return mtmerge.multi_lora(x, A, B, ids, scale=scale, base=base[0] if base else None)
 
-    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7)
+    checks.assert_gradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_multi_lora_batched_with_one_scale(device):
     kw = make_lora(6, 4, 3, 2, 2, D, seed=121)
-    leaves = [_leaf(t, device) for t in (kw["x"].reshape(2, 3, 4), kw["A"], kw["B"], kw["base"].reshape(2, 3, 3))]
+    leaves = [checks.leaf(t, device) for t in (kw["x"].reshape(2, 3, 4), kw["A"], kw["B"], kw["base"].reshape(2, 3, 3))]
     ids = kw["adapter_ids"].reshape(2, 3).to(device)
-    assert torch.autograd.gradcheck(lambda x, A, B, base: mtmerge.multi_lora(x, A, B, ids, scale=0.7, base=base),
-                                    tuple(leaves), eps=1e-6, atol=1e-7)
+    checks.assert_gradcheck(lambda x, A, B, base: mtmerge.multi_lora(x, A, B, ids, scale=0.7, base=base), leaves)
 
 
 # ---- the autograd formulas run the backward ops -----------------------------------------------------
@@ -104,9 +86,8 @@ def test_lama_backward_runs_the_backward_op():
     h, P, Q, context = (kw[n].clone().requires_grad_() for n in ("h", "P", "Q", "context"))
     out = mtmerge.lama_pool(h, P, Q, mask=kw["mask"], context=context)
     g_attn, g_pooled = randn(2, 3, 6, seed=131), randn(2, 3, 4, seed=132)
-    with _RecordOps() as record:
+    with checks.dispatches("lama_pool_backward"):
         torch.autograd.backward([out.attn, out.pooled], [g_attn, g_pooled])
-    assert "mtmerge.lama_pool_backward.default" in record.names, record.names
     want = ref.lama_pool_backward(g_attn, g_pooled, **kw)
     for got, expect in zip((h.grad, P.grad, Q.grad, context.grad), want, strict=True):
         torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
@@ -129,9 +110,8 @@ def test_linformer_backward_runs_the_backward_op():
     leaves = {n: kw[n].clone().requires_grad_() for n in ("q", "k", "v", "E", "F")}
     out = mtmerge.linformer_attention(**leaves, key_padding_mask=kw["key_padding_mask"])
     g = randn(*out.shape, seed=141)
-    with _RecordOps() as record:
+    with checks.dispatches("linformer_attention_backward"):
         out.backward(g)
-    assert "mtmerge.linformer_attention_backward.default" in record.names, record.names
     want = ref.linformer_attention_backward(g, **kw)
     for name, expect in zip(("q", "k", "v", "E", "F"), want, strict=True):
         torch.testing.assert_close(leaves[name].grad, expect, rtol=1e-4, atol=1e-5)
@@ -143,9 +123,8 @@ def test_multi_lora_backward_runs_the_backward_op():
     y = mtmerge.multi_lora(leaves["x"], leaves["A"], leaves["B"], kw["adapter_ids"], scale=kw["scale"],
                            base=leaves["base"])
     g = randn(9, 4, seed=151)
-    with _RecordOps() as record:
+    with checks.dispatches("multi_lora_backward"):
         y.backward(g)
-    assert "mtmerge.multi_lora_backward.default" in record.names, record.names
     want = ref.multi_lora_backward(g, kw["x"], kw["A"], kw["B"], kw["adapter_ids"], kw["scale"])
     for name, expect in zip(("x", "A", "B"), want, strict=True):
         torch.testing.assert_close(leaves[name].grad, expect, rtol=1e-4, atol=1e-5)

@@ -4,14 +4,13 @@ autograd for the three forward ops; and every test file of this folder names the
 
 from __future__ import annotations
 
-import importlib
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from mtmerge import _library
+from tests.ops import family_checks as checks
 from tests.ops.lowrank.helpers import CUDA, DIFFERENTIABLE, lowrank_op_names
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels")
@@ -33,38 +32,19 @@ def test_the_family_is_registered_before_the_extension_loads():
 
 
 def test_every_test_file_names_its_backend():
-    for path in sorted(Path(__file__).parent.glob("test_*.py")):
-        if path.name in PURE_PYTHON:
-            continue
-        text = path.read_text()
-        match = re.search(r"^pytestmark = pytest\.mark\.usefixtures\((.*)\)$", text, re.M)
-        assert match, f"{path.name} must declare pytestmark = pytest.mark.usefixtures(<backend fixture>)"
-        assert "cpp_kernels" in match.group(1) or "triton_kernels" in match.group(1), path.name
-        if path.name.startswith("test_triton_"):
-            assert "triton_kernels" in match.group(1), path.name
-        if path.name.startswith("test_cpp_"):
-            assert "cpp_kernels" in match.group(1), path.name
+    checks.check_every_test_file_names_its_backend(Path(__file__).parent, PURE_PYTHON)
 
 
 def test_cpu_runs_cpp_and_cuda_runs_triton():
-    table = _library.backends()["lowrank"]
-    assert set(table) == set(OPS)
-    for name, row in table.items():
-        assert row["cpu"] == "C++ (mtmerge._C)", (name, row)
-        assert row["cuda"].startswith("Triton"), (name, row)
-        assert row["autograd"] == ("yes" if name in DIFFERENTIABLE else "no"), (name, row)
+    checks.check_cpu_runs_cpp_and_cuda_runs_triton("lowrank", OPS, DIFFERENTIABLE)
 
 
 def test_every_op_names_its_triton_launcher():
-    for name in OPS:
-        assert _library.spec(name).gpu == f"triton:mtmerge.kernels.lowrank:{name}", name
+    checks.check_every_op_names_its_triton_launcher("lowrank", OPS)
 
 
 def test_launchers_exist_for_every_op():
-    pytest.importorskip("triton")
-    launchers = importlib.import_module("mtmerge.kernels.lowrank")
-    missing = [name for name in OPS if not callable(getattr(launchers, name, None))]
-    assert not missing, f"mtmerge.kernels.lowrank lacks launchers for {missing}"
+    checks.check_launchers_exist_for_every_op("lowrank", OPS)
 
 
 def test_the_public_api_is_exported():
@@ -77,12 +57,10 @@ def test_the_public_api_is_exported():
 @pytest.mark.skipif(not CUDA, reason="no GPU")
 def test_cuda_tensors_dispatch_to_triton(monkeypatch):
     """A CUDA call of the op reaches the Triton launcher (not the reference)."""
-    launchers = importlib.import_module("mtmerge.kernels.lowrank")
-    calls = []
-    original = launchers.multi_lora
-    monkeypatch.setattr(launchers, "multi_lora", lambda *a, **k: calls.append(1) or original(*a, **k))
     x = torch.randn(4, 8, device="cuda")
-    torch.ops.mtmerge.multi_lora(x=x, A=torch.randn(2, 3, 8, device="cuda"), B=torch.randn(2, 5, 3, device="cuda"),
-                                 adapter_ids=torch.tensor([0, 1, -1, 1], device="cuda"),
-                                 scale=torch.ones(2, device="cuda"), base=None)
-    assert calls, "torch.ops.mtmerge.multi_lora on CUDA did not call mtmerge.kernels.lowrank.multi_lora"
+    checks.check_cuda_call_reaches_triton(
+        monkeypatch, "lowrank", "multi_lora",
+        lambda: torch.ops.mtmerge.multi_lora(x=x, A=torch.randn(2, 3, 8, device="cuda"),
+                                             B=torch.randn(2, 5, 3, device="cuda"),
+                                             adapter_ids=torch.tensor([0, 1, -1, 1], device="cuda"),
+                                             scale=torch.ones(2, device="cuda"), base=None))

@@ -11,6 +11,7 @@ import torch
 
 import mtmerge
 from mtmerge.reference import lowrank as ref
+from tests.ops import family_checks as checks
 from tests.ops.lowrank.helpers import (
     DEVICES,
     assert_close,
@@ -33,27 +34,13 @@ def test_every_op_of_the_family_has_cases():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(lowrank_op_names()))
 def test_opcheck(name, device):
-    op = getattr(torch.ops.mtmerge, name).default
-    for kwargs in op_cases(device)[name]:
-        torch.library.opcheck(op, (), kwargs)
+    checks.check_opcheck(name, op_cases(device)[name])
 
 
 @pytest.mark.parametrize("name", sorted(lowrank_op_names()))
 def test_fake_matches_the_cpu_output(name):
     """The fake's output metadata (shape, dtype) is what the kernel returns, case by case."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    op = getattr(torch.ops.mtmerge, name).default
-    for kwargs in op_cases()[name]:
-        with torch.no_grad():
-            real = op(**kwargs)
-        with FakeTensorMode() as mode:
-            fake_kwargs = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-            fake = op(**fake_kwargs)
-        real = real if isinstance(real, tuple) else (real,)
-        fake = fake if isinstance(fake, tuple) else (fake,)
-        for r, f in zip(real, fake, strict=True):
-            assert (tuple(r.shape), r.dtype) == (tuple(f.shape), f.dtype), name
+    checks.check_fake_matches_the_real_output(name, op_cases()[name])
 
 
 def _input_dtype(kwargs: dict) -> torch.dtype:
@@ -64,13 +51,7 @@ def _input_dtype(kwargs: dict) -> torch.dtype:
 @pytest.mark.parametrize("name", sorted(lowrank_op_names()))
 def test_op_matches_the_reference(name, device):
     """Within LOWRANK.md's tolerance (GEMM-like reductions: 1e-4 in fp32), outputs and grads alike."""
-    op = getattr(torch.ops.mtmerge, name).default
-    reference = getattr(ref, name)
-    for kwargs in op_cases(device)[name]:
-        with torch.no_grad():
-            got, want = op(**kwargs), reference(**kwargs)
-        got = got if isinstance(got, tuple) else (got,)
-        want = want if isinstance(want, tuple) else (want,)
+    for kwargs, got, want in checks.op_and_reference_outputs(name, ref, op_cases(device)[name]):
         dtype = _input_dtype(kwargs)
         for g, w in zip(got, want, strict=True):
             assert (g.dtype, tuple(g.shape), g.device) == (w.dtype, tuple(w.shape), w.device), name

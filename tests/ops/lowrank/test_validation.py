@@ -5,19 +5,14 @@ adapter ids the API would reject, never crash the process (they treat an id outs
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 import mtmerge
+from tests.ops import family_checks as checks
 from tests.ops.lowrank.helpers import make_lama, make_linformer, make_lora
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels")
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def _lama(**changes):
@@ -109,26 +104,12 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", range(len(_bad_calls())))
 def test_bad_input_raises_naming_the_argument(case):
-    call, error, pattern = _bad_calls()[case]
-    with pytest.raises(error, match=pattern):
-        call()
+    checks.check_rejected(*_bad_calls()[case])
 
 
 def test_validation_runs_before_any_kernel(monkeypatch):
     """A rejected call never reaches the op (so no kernel sees an out-of-range id)."""
-    calls = []
-    real_ops = torch.ops.mtmerge
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real_ops, name)
-
-    monkeypatch.setattr(torch.ops, "mtmerge", Spy())
-    for call, error, _ in _bad_calls():
-        with pytest.raises(error):
-            call()
-    assert not calls, f"ops ran before validation failed: {calls}"
+    checks.check_validation_runs_before_any_kernel(monkeypatch, _bad_calls())
 
 
 def test_good_edge_cases_are_accepted():
@@ -143,12 +124,8 @@ def test_good_edge_cases_are_accepted():
     assert mtmerge.lama_pool(lama["h"], lama["P"], lama["Q"]).attn.shape == (1, 1, 3)
 
 
-_DIRECT = textwrap.dedent("""
-    import faulthandler, sys
-    faulthandler.enable()
-    import torch
-    import mtmerge
-    op = sys.argv[1]
+# run after family_checks' prelude (faulthandler on, torch and mtmerge imported, op = sys.argv[1])
+_DIRECT = """
     assert mtmerge._library.cpu_kernel_registered(op), "no C++ kernel: nothing to test"
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 8, generator=g)
@@ -166,7 +143,7 @@ _DIRECT = textwrap.dedent("""
         for a, b in zip(got, want):
             assert torch.equal(a, b), "an out-of-range id was not treated as -1"
     print("TREATED_AS_MINUS_ONE")
-""")
+"""
 
 
 @pytest.mark.parametrize("op", ["multi_lora", "multi_lora_backward"])
@@ -174,11 +151,4 @@ def test_kernels_survive_out_of_range_ids(op):
     """The C++ kernel called directly (no wrapper) with adapter ids 1000, 2**40, -7 and L = 3: the
     process ends normally: the ids are treated as -1 (LOWRANK.md) or a Python exception is raised,
     never a signal."""
-    proc = subprocess.run([sys.executable, "-c", _DIRECT, op], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}:\n{proc.stderr[-3000:]}"
-    if proc.returncode == 0:
-        assert "TREATED_AS_MINUS_ONE" in proc.stdout
-    else:
-        assert "Traceback" in proc.stderr and "Fatal Python error" not in proc.stderr, proc.stderr[-3000:]
-        assert "no C++ kernel" not in proc.stderr and "an out-of-range id" not in proc.stderr, proc.stderr[-3000:]
+    checks.check_kernel_survives_out_of_range_ids(_DIRECT, op, "TREATED_AS_MINUS_ONE")

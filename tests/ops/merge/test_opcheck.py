@@ -4,8 +4,8 @@ registration, aliasing of ``out``), on CPU (the C++ kernels) and on CUDA (Triton
 from __future__ import annotations
 
 import pytest
-import torch
 
+from tests.ops import family_checks as checks
 from tests.ops.merge.helpers import DEVICES, merge_op_names
 from tests.ops.merge.op_cases import op_cases
 
@@ -19,6 +19,4 @@ def test_every_op_of_the_family_has_cases():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(op_cases()))
 def test_opcheck(name, device):
-    op = getattr(torch.ops.mtmerge, name).default
-    for kwargs in op_cases(device)[name]:
-        torch.library.opcheck(op, (), kwargs)
+    checks.check_opcheck(name, op_cases(device)[name])

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from tests.ops.family_checks import to_device
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CUDA = torch.cuda.is_available()
 # devices the public API and opcheck are run on (the C++ kernels on CPU, Triton on CUDA)
@@ -93,14 +95,18 @@ def make_x(tokens: int, hidden: int, dtype=torch.float32, seed: int = 0) -> Tens
     return torch.randn((tokens, hidden), generator=gen(seed)).to(dtype)
 
 
-def to_device(kwargs: dict, device) -> dict:
-    """Tensors of ``kwargs`` on ``device`` (leaves that require grad stay leaves)."""
-    def move(v):
-        if not isinstance(v, Tensor):
-            return v
-        return v.detach().to(device).requires_grad_() if v.requires_grad else v.to(device)
+def record_moe_experts(monkeypatch, module) -> list[tuple]:
+    """Every later call of ``module.moe_experts`` (an integration's or a layer's), recorded as
+    ``(gate_up, down, ids, kwargs)`` (ids cloned), then run."""
+    seen = []
+    real = module.moe_experts
 
-    return {name: move(v) for name, v in kwargs.items()}
+    def counting(x, gate_up, down, weights, ids, **kwargs):
+        seen.append((gate_up, down, ids.clone(), kwargs))
+        return real(x, gate_up, down, weights, ids, **kwargs)
+
+    monkeypatch.setattr(module, "moe_experts", counting)
+    return seen
 
 
 # ---- oracles: MOE.md's text as per-token loops, in float64 ---------------------------------------

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtmerge
 from mtmerge.reference import moe as ref
+from tests.ops import family_checks as checks
 from tests.ops.moe.helpers import (
     DEVICES,
     gen,
@@ -26,40 +26,24 @@ pytestmark = pytest.mark.usefixtures("cpp_kernels")
 D = torch.float64
 
 
-class _RecordOps(TorchDispatchMode):
-    """Names of the ops dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _leaf(t, device):
-    return t.detach().to(device).requires_grad_()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_gradcheck_topk_gate(device, scoring, renormalize):
-    logits = _leaf(make_logits(6, 7, D, seed=70), device)
+    logits = checks.leaf(make_logits(6, 7, D, seed=70), device)
     bias = torch.rand(7, generator=gen(71), dtype=D).to(device) * 0.2
 
     def fn(z):
         return mtmerge.moe_topk_gate(z, 3, scoring=scoring, renormalize=renormalize, bias=bias).weights
 
-    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-8)
+    checks.assert_gradcheck(fn, (logits,), atol=1e-8)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_gradcheck_task_gate(device, scoring):
-    x = _leaf(make_x(7, 5, D, seed=72), device)
-    router = _leaf(torch.randn((3, 6, 5), generator=gen(73), dtype=D), device)
+    x = checks.leaf(make_x(7, 5, D, seed=72), device)
+    router = checks.leaf(torch.randn((3, 6, 5), generator=gen(73), dtype=D), device)
     task_ids = torch.tensor([0, 1, 2, 2, 1, 0, 1]).to(device)
     mask = torch.ones((3, 6), dtype=torch.bool)
     mask[1, 4:] = False
@@ -70,7 +54,7 @@ def test_gradcheck_task_gate(device, scoring):
         # masked logits are -inf constants: finite differences cannot see them
         return out.weights, torch.where(torch.isfinite(out.logits), out.logits, 0.0)
 
-    assert torch.autograd.gradcheck(fn, (x, router), eps=1e-6, atol=1e-8)
+    checks.assert_gradcheck(fn, (x, router), atol=1e-8)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,7 +65,7 @@ def test_gradcheck_experts(device, activation, bias):
     tensors = [make_x(5, 6, D, seed=75), w["gate_up"], w["down"], make_weights(5, 2, D, seed=76)]
     if bias:
         tensors += [w["gate_up_bias"], w["down_bias"]]
-    leaves = [_leaf(t, device) for t in tensors]
+    leaves = [checks.leaf(t, device) for t in tensors]
     ids = make_ids(5, 4, 2, seed=77, unrouted=0.2).to(device)
 
     def fn(x, gate_up, down, weights, *biases):
@@ -89,7 +73,7 @@ def test_gradcheck_experts(device, activation, bias):
         return mtmerge.moe_experts(x, gate_up, down, weights, ids, activation=activation, gate_up_bias=b1,
                                    down_bias=b2)
 
-    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7)
+    checks.assert_gradcheck(fn, leaves, atol=1e-7)
 
 
 def test_experts_backward_runs_the_backward_op():
@@ -102,9 +86,8 @@ def test_experts_backward_runs_the_backward_op():
     ids = make_ids(6, 3, 2, seed=81)
     y = mtmerge.moe_experts(x, gate_up, down, weights, ids)
     g = make_x(6, 8, seed=82)
-    with _RecordOps() as record:
+    with checks.dispatches("moe_experts_backward"):
         y.backward(g)
-    assert "mtmerge.moe_experts_backward.default" in record.names, record.names
     want = ref.moe_experts_backward(g, x.detach(), gate_up.detach(), down.detach(), weights.detach(), ids, "silu",
                                     None, None)
     for got, expect in zip((x.grad, gate_up.grad, down.grad, weights.grad), want[:4], strict=True):
@@ -113,16 +96,15 @@ def test_experts_backward_runs_the_backward_op():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_losses(device):
-    logits = _leaf(make_logits(8, 5, D, seed=83), device)
+    logits = checks.leaf(make_logits(8, 5, D, seed=83), device)
     ids = make_ids(8, 5, 2, seed=84, unrouted=0.2).to(device)
-    assert torch.autograd.gradcheck(lambda z: mtmerge.load_balancing_loss(z, ids, 5, 2), (logits,), eps=1e-6,
-                                    atol=1e-8)
-    assert torch.autograd.gradcheck(lambda z: mtmerge.router_z_loss(z), (logits,), eps=1e-6, atol=1e-8)
+    checks.assert_gradcheck(lambda z: mtmerge.load_balancing_loss(z, ids, 5, 2), (logits,), atol=1e-8)
+    checks.assert_gradcheck(lambda z: mtmerge.router_z_loss(z), (logits,), atol=1e-8)
     # per-layer sequences: the gradient reaches every layer
-    other = _leaf(make_logits(4, 5, D, seed=85), device)
+    other = checks.leaf(make_logits(4, 5, D, seed=85), device)
     ids2 = make_ids(4, 5, 2, seed=86).to(device)
-    assert torch.autograd.gradcheck(lambda a, b: mtmerge.load_balancing_loss([a, b], [ids, ids2], 5, 2),
-                                    (logits, other), eps=1e-6, atol=1e-8)
+    checks.assert_gradcheck(lambda a, b: mtmerge.load_balancing_loss([a, b], [ids, ids2], 5, 2), (logits, other),
+                            atol=1e-8)
 
 
 def test_losses_backward_with_no_tokens():

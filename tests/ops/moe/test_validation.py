@@ -5,19 +5,14 @@ raise a Python exception)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 import mtmerge
+from tests.ops import family_checks as checks
 from tests.ops.moe.helpers import make_experts, make_ids, make_logits, make_weights, make_x
 
 pytestmark = pytest.mark.usefixtures("cpp_kernels")
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def _experts_args(tokens=5, hidden=8, ffn=4, experts=3, k=2):
@@ -122,26 +117,12 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", range(len(_bad_calls())))
 def test_bad_input_raises_naming_the_argument(case):
-    call, error, pattern = _bad_calls()[case]
-    with pytest.raises(error, match=pattern):
-        call()
+    checks.check_rejected(*_bad_calls()[case])
 
 
 def test_validation_runs_before_any_kernel(monkeypatch):
     """A rejected call never reaches the op (so no kernel sees an out-of-range id)."""
-    calls = []
-    real_ops = torch.ops.mtmerge
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real_ops, name)
-
-    monkeypatch.setattr(torch.ops, "mtmerge", Spy())
-    for call, error, _ in _bad_calls():
-        with pytest.raises(error):
-            call()
-    assert not calls, f"ops ran before validation failed: {calls}"
+    checks.check_validation_runs_before_any_kernel(monkeypatch, _bad_calls())
 
 
 def test_ids_of_minus_one_are_accepted():
@@ -153,13 +134,9 @@ def test_ids_of_minus_one_are_accepted():
     assert out.expert_offsets.tolist() == [0, 0, 0, 0] and int(out.dropped) == 0
 
 
-_DIRECT = textwrap.dedent("""
-    import faulthandler, sys
-    faulthandler.enable()
-    import torch
-    import mtmerge
+# run after family_checks' prelude (faulthandler on, torch and mtmerge imported, op = sys.argv[1])
+_DIRECT = """
     assert mtmerge._library.cpu_kernel_registered("moe_experts"), "no C++ kernel: nothing to test"
-    op = sys.argv[1]
     bad = torch.tensor([[0, 1000], [-7, 2**40], [2, -1], [1, 3]], dtype=torch.int64)
     clean = torch.where((bad >= 0) & (bad < 3), bad, torch.full_like(bad, -1))
     g = torch.Generator().manual_seed(0)
@@ -183,18 +160,11 @@ _DIRECT = textwrap.dedent("""
             for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
                 assert torch.equal(a, b), "an out-of-range id was not treated as -1"
     print("TREATED_AS_UNROUTED")
-""")
+"""
 
 
 @pytest.mark.parametrize("op", ["moe_experts", "moe_align", "moe_experts_backward", "moe_load_balancing_loss"])
 def test_kernels_survive_out_of_range_ids(op):
     """The C++ kernel called directly (no wrapper) with ids 1000, 2**40, -7: the process ends
     normally: the ids are treated as -1 (MOE.md) or a Python exception is raised, never a signal."""
-    proc = subprocess.run([sys.executable, "-c", _DIRECT, op], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}:\n{proc.stderr[-3000:]}"
-    if proc.returncode == 0:
-        assert "TREATED_AS_UNROUTED" in proc.stdout
-    else:
-        assert "Traceback" in proc.stderr and "Fatal Python error" not in proc.stderr, proc.stderr[-3000:]
-        assert "no C++ kernel" not in proc.stderr and "an out-of-range id" not in proc.stderr, proc.stderr[-3000:]
+    checks.check_kernel_survives_out_of_range_ids(_DIRECT, op, "TREATED_AS_UNROUTED")
