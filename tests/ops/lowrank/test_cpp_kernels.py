@@ -176,7 +176,9 @@ def test_linformer_strided_inputs():
 # ---- multi_lora -----------------------------------------------------------------------------------
 
 # (T, in, out, r, L): T = 0, one token, odd sizes, an adapter with more than 256 tokens
-LORA_SHAPES = [(0, 4, 3, 2, 2), (1, 7, 5, 3, 3), (9, 13, 11, 1, 4), (40, 33, 17, 5, 3), (600, 9, 7, 4, 2)]
+# ranks 8 and 16 with groups of at most 16 tokens: the fixed-rank fused expand (odd out, any in)
+LORA_SHAPES = [(0, 4, 3, 2, 2), (1, 7, 5, 3, 3), (9, 13, 11, 1, 4), (40, 33, 17, 5, 3), (600, 9, 7, 4, 2),
+               (9, 35, 37, 8, 4), (12, 20, 19, 16, 3), (50, 18, 70, 16, 2)]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
