@@ -5,18 +5,31 @@
 // GEMM each): recompute h, a, o by GEMMs in x's dtype, then with g_o = w * grad_out
 //   grad_weights = <grad_out, o>, g_a = g_o W_d, g_h = glu'(h) g_a (fp32 elementwise),
 //   grad_down[e] = g_o^T a, grad_gate_up[e] = g_h^T x, dx = g_h W_gu (per slot),
-// and finally grad_x[t] = sum_j dx[t, j] in j order. Items run single-threaded, so the bits do
+// and finally grad_x[t] = sum_j dx[t, j] in j order. An expert with few rows (kSmallRows)
+// recomputes h by dots2 (small_m.h) and gets o and g_a from one streaming pass over W_d. Items run single-threaded, so the bits do
 // not depend on the thread count.
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include "moe/common.h"
 #include "moe/ops.h"
+#include "moe/small_m.h"
 
 namespace mtmerge {
 namespace {
 
 constexpr int64_t kCombineGrain = 16;  // tokens per combine chunk
+constexpr int64_t kSmallRows = 8;      // an expert with at most this many rows streams its weights (small_m.h)
+
+// acc[m * ldacc + i] += coef[m * ldc] * w[i] for m < n, i < len (rows of a transposed product).
+MTMERGE_CLONES void axpy_rows_f32(const float* w, int64_t len, const float* coef, int64_t ldc, int64_t n, float* acc,
+                                  int64_t ldacc) {
+  for (int64_t m = 0; m < n; ++m) {
+    const float c = coef[m * ldc];
+    float* out = acc + m * ldacc;
+    for (int64_t i = 0; i < len; ++i) out[i] += c * w[i];
+  }
+}
 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
@@ -73,9 +86,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (bias_d != nullptr) add_rows(ra, H, bias_d);
       store_row(ra, H, Go.mutable_data_ptr<scalar_t>() + r * H, 1);
     }
-    // recompute h, a, o
+    // recompute h, a, o (few rows: each weight row streamed once, dots2 against every row, and
+    // W_d's rows give o and g_a = g_o W_d in the same pass)
+    const bool small = !std::is_same_v<scalar_t, double> && n <= kSmallRows && gate_up.stride(2) == 1 &&
+                       down.stride(2) == 1;
+    const Dots2Fn dots2 = dots2_fn<float>();
     at::Tensor Hh = scratch[3].get(st, n, 2 * F);
-    at::mm_out(Hh, X, Wgu.t());
+    if (small) {
+      float* Xf = thread_floats(0, n * H);
+      for (int64_t r = 0; r < n; ++r) load_row(X.const_data_ptr<scalar_t>() + r * H, 1, H, Xf + r * H);
+      float* wrow = thread_floats(1, 2 * H);
+      float* pair = thread_floats(2, 2 * n);
+      scalar_t* hp = Hh.mutable_data_ptr<scalar_t>();
+      const scalar_t* W = gate_up.const_data_ptr<scalar_t>() + e * gate_up.stride(0);
+      const int64_t ld = gate_up.stride(1);
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t r0 = interleaved ? 2 * f : f, r1 = interleaved ? 2 * f + 1 : F + f;  // gate, up rows
+        load_row(W + r0 * ld, 1, H, wrow);
+        load_row(W + r1 * ld, 1, H, wrow + H);
+        dots2(wrow, wrow + H, H, Xf, H, n, pair);
+        for (int64_t r = 0; r < n; ++r) {
+          hp[r * 2 * F + r0] = scalar_t(pair[r]);
+          hp[r * 2 * F + r1] = scalar_t(pair[n + r]);
+        }
+      }
+    } else {
+      at::mm_out(Hh, X, Wgu.t());
+    }
     at::Tensor A = scratch[4].get(st, n, F);
     acc_t *g = rowbuf + 2 * std::max(H, 2 * F), *u = g + F, *a = ra, *ga = rb;
     const int64_t step = interleaved ? 2 : 1, up_off = interleaved ? 1 : F;
@@ -97,7 +134,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       store_row(a, F, A.mutable_data_ptr<scalar_t>() + r * F, 1);
     }
     at::Tensor O = scratch[5].get(st, n, H);
-    at::mm_out(O, A, Wd.t());
+    at::Tensor Ga = scratch[6].get(st, n, F);
+    if (small) {
+      float* Af = thread_floats(0, n * F);
+      float* Gof = thread_floats(3, n * H);
+      float* Gaf = thread_floats(4, n * F);
+      float* wrow = thread_floats(1, 2 * F);
+      float* pair = thread_floats(2, 2 * n);
+      for (int64_t r = 0; r < n; ++r) {
+        load_row(A.const_data_ptr<scalar_t>() + r * F, 1, F, Af + r * F);
+        load_row(Go.const_data_ptr<scalar_t>() + r * H, 1, H, Gof + r * H);
+      }
+      std::fill(Gaf, Gaf + n * F, 0.0f);
+      scalar_t* op = O.mutable_data_ptr<scalar_t>();
+      const scalar_t* W = down.const_data_ptr<scalar_t>() + e * down.stride(0);
+      const int64_t ld = down.stride(1);
+      for (int64_t c = 0; c < H; c += 2) {
+        const bool two = c + 1 < H;  // an odd last row is paired with itself
+        load_row(W + c * ld, 1, F, wrow);
+        if (two) load_row(W + (c + 1) * ld, 1, F, wrow + F);
+        dots2(wrow, two ? wrow + F : wrow, F, Af, F, n, pair);
+        for (int64_t r = 0; r < n; ++r) {
+          op[r * H + c] = scalar_t(pair[r]);
+          if (two) op[r * H + c + 1] = scalar_t(pair[n + r]);
+        }
+        axpy_rows_f32(wrow, F, Gof + c, H, n, Gaf, F);
+        if (two) axpy_rows_f32(wrow + F, F, Gof + c + 1, H, n, Gaf, F);
+      }
+      for (int64_t r = 0; r < n; ++r) store_row(Gaf + r * F, F, Ga.mutable_data_ptr<scalar_t>() + r * F, 1);
+    } else {
+      at::mm_out(O, A, Wd.t());
+      at::mm_out(Ga, Go, Wd);
+    }
     // grad_weights[s] = <grad_out[t], o + b_d>
     for (int64_t r = 0; r < n; ++r) {
       const int64_t s = sg.slot_of_row[row0 + r], t = s / k;
@@ -108,9 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t i = 0; i < H; ++i) dot += rb[i] * (b == nullptr ? ra[i] : ra[i] + b[i]);
       grad_w.mutable_data_ptr<acc_t>()[s] = dot;
     }
-    // g_a = g_o W_d, then g_h in h's layout
-    at::Tensor Ga = scratch[6].get(st, n, F);
-    at::mm_out(Ga, Go, Wd);
+    // g_h in h's layout
     at::Tensor Gh = scratch[7].get(st, n, 2 * F);
     acc_t* bias_gu = bgu.defined() ? grad_bgu.mutable_data_ptr<acc_t>() + e * 2 * F : nullptr;
     acc_t *gg = ra, *gu = ra + F;
