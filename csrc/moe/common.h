@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/constants.h"
 #include "common/dtype_io.h"
 #include "common/simd.h"
 
@@ -296,8 +297,8 @@ MTMERGE_ALWAYS_INLINE acc_t vsigmoid(acc_t x) {
 
 enum class Act { kSilu, kGelu, kGeluTanh, kRelu, kGptOss };
 
-constexpr double kGptOssLimit = 7.0;
-constexpr double kGptOssAlpha = 1.702;
+using constants::kGptOssAlpha;  // gpt-oss's clamped GLU (mtmerge/_constants.py)
+using constants::kGptOssLimit;
 constexpr double kGeluTanhC = 0.79788456080286535588;  // sqrt(2 / pi)
 constexpr double kGeluTanhA = 0.044715;
 constexpr double kSqrtHalf = 0.70710678118654752440;
