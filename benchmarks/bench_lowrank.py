@@ -87,7 +87,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_lowrank.py`
 from benchmarks import _common as common  # noqa: E402
 from benchmarks._common import Measure, as_words, check, rel_diff  # noqa: E402
 from benchmarks.gpu_mode import markdown_table, require_gpu, write_json  # noqa: E402
-from mtmerge.nn.lowrank import MultiLoRALinear  # noqa: E402
+from mtmerge.nn.multi_lora import MultiLoRALinear  # noqa: E402
 
 SECTIONS = ("lora", "linformer", "lama")
 LORA_TARGET = 1.1

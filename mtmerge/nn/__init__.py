@@ -10,8 +10,9 @@
 The MoE layers return a :class:`MoEOutput` ``(output, router_logits, load_balancing_loss, router_z_loss)``.
 """
 
-from mtmerge.nn.lowrank import LAMAPooling, LinformerSelfAttention, MultiLoRALinear
+from mtmerge.nn.lowrank import LAMAPooling, LinformerSelfAttention
 from mtmerge.nn.moe import MoEFeedForward, MoEOutput, TaskMoE, default_task_experts
+from mtmerge.nn.multi_lora import MultiLoRALinear
 
 __all__ = [
     "LAMAPooling",

@@ -1,4 +1,5 @@
-"""``LAMAPooling``, ``LinformerSelfAttention`` and ``MultiLoRALinear`` (mtmerge/nn/lowrank.py):
+"""``LAMAPooling``, ``LinformerSelfAttention`` and ``MultiLoRALinear`` (mtmerge/nn/lowrank.py,
+mtmerge/nn/multi_lora.py):
 outputs and every parameter's gradient equal a plain PyTorch reimplementation written from
 DESIGN.md ("Low-rank attention semantics"); initialization is deterministic; a few SGD steps
 lower a loss; ``MultiLoRALinear.from_peft`` equals PEFT's mixed-adapter batch on adapters saved
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from mtmerge.nn.lowrank import LamaOutput, LAMAPooling, LinformerSelfAttention, MultiLoRALinear
+from mtmerge.nn import LAMAPooling, LinformerSelfAttention, MultiLoRALinear
+from mtmerge.ops.lowrank import LamaOutput
 from tests.peers import peft_lora
 
 TOL = {torch.float64: {"atol": 1e-10, "rtol": 1e-9}, torch.float32: {"atol": 2e-5, "rtol": 2e-5}}
