@@ -2,8 +2,8 @@
 // Semantics: mtmerge/reference/moe.py (moe_experts_backward). Schema: mtmerge/ops/_moe_ops.py.
 //
 // One work item per expert (its weight gradients are sums over all of its rows, taken by one
-// GEMM each): recompute h, a, o by GEMMs in x's dtype, then with g_o = w * grad_out
-//   grad_weights = <grad_out, o>, g_a = g_o W_d, g_h = glu'(h) g_a (fp32 elementwise),
+// GEMM each): recompute h and a by GEMMs in x's dtype, then with g_o = w * grad_out and P = grad_out W_d
+//   grad_weights = <P, a> (+ <grad_out, b_d>) = <grad_out, o>, g_a = w P, g_h = glu'(h) g_a (fp32 elementwise),
 //   grad_down[e] = g_o^T a, grad_gate_up[e] = g_h^T x, dx = g_h W_gu (per slot),
 // and finally grad_x[t] = sum_j dx[t, j] in j order. An expert with few rows (kSmallRows)
 // recomputes h by dots2 (small_m.h) and gets o and g_a from one streaming pass over W_d. Items run single-threaded, so the bits do
@@ -68,11 +68,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   std::vector<double> cost;
   for (int64_t g = 0; g < sg.groups(); ++g) cost.push_back(double(sg.size(g) + 8) * double(F) * double(H));
-  parallel_items<8>(cost, [&](int64_t group, Scratch* scratch) {
+  parallel_items<9>(cost, [&](int64_t group, Scratch* scratch) {
     const int64_t e = sg.expert[group], n = sg.size(group), row0 = sg.begin[group];
     const at::Tensor Wgu = gate_up.select(0, e), Wd = down.select(0, e);
     // gathered rows: tokens X, g_o = w * grad_out (x's dtype for the GEMMs)
     at::Tensor X = scratch[0].get(st, n, H), Go = scratch[1].get(st, n, H);
+    // few rows: o and g_a come from one streaming pass over W_d; otherwise P = grad_out W_d (unweighted
+    // rows Gr) gives g_a = w P and <grad_out, o> = <P, a>, so o is never recomputed
+    const bool small = !std::is_same_v<scalar_t, double> && n <= kSmallRows && gate_up.stride(2) == 1 &&
+                       down.stride(2) == 1;
+    at::Tensor Gr = small ? at::Tensor() : scratch[8].get(st, n, H);
     acc_t* rowbuf = scratch[2].get(acc, 4, std::max(H, 2 * F)).mutable_data_ptr<acc_t>();
     acc_t *ra = rowbuf, *rb = rowbuf + std::max(H, 2 * F);
     acc_t* bias_d = bd.defined() ? grad_bd.mutable_data_ptr<acc_t>() + e * H : nullptr;
@@ -80,6 +85,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t s = sg.slot_of_row[row0 + r], t = s / k;
       std::memcpy(X.mutable_data_ptr<scalar_t>() + r * H, xc.const_data_ptr<scalar_t>() + t * H,
                   H * sizeof(scalar_t));
+      if (!small) {
+        std::memcpy(Gr.mutable_data_ptr<scalar_t>() + r * H, goc.const_data_ptr<scalar_t>() + t * H,
+                    H * sizeof(scalar_t));
+      }
       load_row(goc.const_data_ptr<scalar_t>() + t * H, 1, H, ra);
       const acc_t ws = w.const_data_ptr<acc_t>()[s];
       for (int64_t i = 0; i < H; ++i) ra[i] *= ws;
@@ -88,8 +97,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     // recompute h, a, o (few rows: each weight row streamed once, dots2 against every row, and
     // W_d's rows give o and g_a = g_o W_d in the same pass)
-    const bool small = !std::is_same_v<scalar_t, double> && n <= kSmallRows && gate_up.stride(2) == 1 &&
-                       down.stride(2) == 1;
     const Dots2Fn dots2 = dots2_fn<float>();
     at::Tensor Hh = scratch[3].get(st, n, 2 * F);
     if (small) {
@@ -133,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       glu_rows(act, g, u, F, a);
       store_row(a, F, A.mutable_data_ptr<scalar_t>() + r * F, 1);
     }
-    at::Tensor O = scratch[5].get(st, n, H);
-    at::Tensor Ga = scratch[6].get(st, n, F);
+    at::Tensor O = small ? scratch[5].get(st, n, H) : at::Tensor();
+    at::Tensor Ga = scratch[6].get(st, n, F);  // small: g_a; otherwise P = grad_out W_d
     if (small) {
       float* Af = thread_floats(0, n * F);
       float* Gof = thread_floats(3, n * H);
@@ -163,11 +170,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       for (int64_t r = 0; r < n; ++r) store_row(Gaf + r * F, F, Ga.mutable_data_ptr<scalar_t>() + r * F, 1);
     } else {
-      at::mm_out(O, A, Wd.t());
-      at::mm_out(Ga, Go, Wd);
+      at::mm_out(Ga, Gr, Wd);
     }
-    // grad_weights[s] = <grad_out[t], o + b_d>
-    for (int64_t r = 0; r < n; ++r) {
+    // grad_weights[s] = <grad_out[t], o + b_d> (small: from o; otherwise <P, a> + <grad_out, b_d>, below)
+    for (int64_t r = 0; r < n && small; ++r) {
       const int64_t s = sg.slot_of_row[row0 + r], t = s / k;
       load_row(O.const_data_ptr<scalar_t>() + r * H, 1, H, ra);
       load_row(goc.const_data_ptr<scalar_t>() + t * H, 1, H, rb);
@@ -180,9 +186,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor Gh = scratch[7].get(st, n, 2 * F);
     acc_t* bias_gu = bgu.defined() ? grad_bgu.mutable_data_ptr<acc_t>() + e * 2 * F : nullptr;
     acc_t *gg = ra, *gu = ra + F;
+    acc_t* arow = rowbuf + 3 * std::max(H, 2 * F);
+    const acc_t* b_d = bd.defined() ? bd.const_data_ptr<acc_t>() + e * H : nullptr;
     for (int64_t r = 0; r < n; ++r) {
       gate_and_up(r);
       load_row(Ga.const_data_ptr<scalar_t>() + r * F, 1, F, ga);
+      if (!small) {  // ga holds P: grad_weights, then g_a = w P
+        const int64_t s = sg.slot_of_row[row0 + r];
+        load_row(A.const_data_ptr<scalar_t>() + r * F, 1, F, arow);
+        acc_t dot = 0;
+        for (int64_t f = 0; f < F; ++f) dot += ga[f] * arow[f];
+        if (b_d != nullptr) {
+          load_row(Gr.const_data_ptr<scalar_t>() + r * H, 1, H, ra);
+          for (int64_t i = 0; i < H; ++i) dot += ra[i] * b_d[i];
+        }
+        grad_w.mutable_data_ptr<acc_t>()[s] = dot;
+        const acc_t ws = w.const_data_ptr<acc_t>()[s];
+        for (int64_t f = 0; f < F; ++f) ga[f] *= ws;
+      }
       glu_backward_rows(act, g, u, ga, F, gg, gu);
       scalar_t* gh = Gh.mutable_data_ptr<scalar_t>() + r * 2 * F;
       store_row(gg, F, gh, step);
