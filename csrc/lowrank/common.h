@@ -115,59 +115,82 @@ MTMERGE_ALWAYS_INLINE float exp_f32(float x) {
   return y * two_n;
 }
 
-// In place over rows of s [rows, cols] (row stride ld): s = softmax(s * scale) per row.
-MTMERGE_CLONES void softmax_rows_f32(float* s, int64_t rows, int64_t cols, int64_t ld, float scale) {
+// In place over rows of s [rows, cols] (row stride ld): s = exp(s * scale - max_j(s * scale)),
+// unnormalized, and inv[i] = 1 / (the row's sum). The max pass only reads (it vectorizes); the
+// caller normalizes: the P rows themselves (normalize_rows) or, cheaper, the rows of P V.
+MTMERGE_CLONES void exp_rows_f32(float* s, int64_t rows, int64_t cols, int64_t ld, float scale, float* inv) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
-    float mx[kLanes];
+    // lane-wise max in a GCC vector (an array of lanes does not vectorize: no max reduction
+    // without -ffast-math); x > mx ? x : mx is std::max(mx, x), which skips NaN like MAXPS
+    typedef float lanes_t __attribute__((vector_size(kLanes * sizeof(float))));
+    lanes_t mx;
     for (int l = 0; l < kLanes; ++l) mx[l] = -INFINITY;
     int64_t j = 0;
     for (; j + kLanes <= cols; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        row[j + l] *= scale;
-        mx[l] = std::max(mx[l], row[j + l]);
-      }
+      lanes_t x;
+      std::memcpy(&x, row + j, sizeof x);
+      x *= scale;
+      mx = x > mx ? x : mx;
     }
     float top = -INFINITY;
-    for (; j < cols; ++j) {
-      row[j] *= scale;
-      top = std::max(top, row[j]);
-    }
+    for (; j < cols; ++j) top = std::max(top, row[j] * scale);
     for (int l = 0; l < kLanes; ++l) top = std::max(top, mx[l]);
     float sum[kLanes] = {};
     for (j = 0; j + kLanes <= cols; j += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
-        row[j + l] = exp_f32(row[j + l] - top);
-        sum[l] += row[j + l];
+        const float e = exp_f32(row[j + l] * scale - top);
+        row[j + l] = e;
+        sum[l] += e;
       }
     }
     float total = 0.0f;
     for (; j < cols; ++j) {
-      row[j] = exp_f32(row[j] - top);
+      row[j] = exp_f32(row[j] * scale - top);
       total += row[j];
     }
     for (int l = 0; l < kLanes; ++l) total += sum[l];
-    for (j = 0; j < cols; ++j) row[j] /= total;
+    inv[i] = 1.0f / total;
   }
 }
 
-void softmax_rows_f64(double* s, int64_t rows, int64_t cols, int64_t ld, double scale) {
+void exp_rows_f64(double* s, int64_t rows, int64_t cols, int64_t ld, double scale, double* inv) {
   for (int64_t i = 0; i < rows; ++i) {
     double* row = s + i * ld;
     double top = -INFINITY;
-    for (int64_t j = 0; j < cols; ++j) top = std::max(top, row[j] *= scale);
+    for (int64_t j = 0; j < cols; ++j) top = std::max(top, row[j] * scale);
     double total = 0.0;
-    for (int64_t j = 0; j < cols; ++j) total += (row[j] = std::exp(row[j] - top));
-    for (int64_t j = 0; j < cols; ++j) row[j] /= total;
+    for (int64_t j = 0; j < cols; ++j) total += (row[j] = std::exp(row[j] * scale - top));
+    inv[i] = 1.0 / total;
   }
 }
 
 template <typename acc_t>
-void softmax_rows(acc_t* s, int64_t rows, int64_t cols, int64_t ld, double scale) {
+void exp_rows(acc_t* s, int64_t rows, int64_t cols, int64_t ld, double scale, acc_t* inv) {
   if constexpr (std::is_same_v<acc_t, double>) {
-    softmax_rows_f64(s, rows, cols, ld, scale);
+    exp_rows_f64(s, rows, cols, ld, scale, inv);
   } else {
-    softmax_rows_f32(s, rows, cols, ld, float(scale));
+    exp_rows_f32(s, rows, cols, ld, float(scale), inv);
+  }
+}
+
+// x[i, :] *= f[i] over rows of x [rows, cols] (row stride ld).
+MTMERGE_CLONES void scale_rows_f32(float* x, int64_t rows, int64_t cols, int64_t ld, const float* f) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = x + i * ld;
+    const float fi = f[i];
+    for (int64_t j = 0; j < cols; ++j) row[j] *= fi;
+  }
+}
+
+template <typename acc_t>
+void scale_rows(acc_t* x, int64_t rows, int64_t cols, int64_t ld, const acc_t* f) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < cols; ++j) x[i * ld + j] *= f[i];
+    }
+  } else {
+    scale_rows_f32(x, rows, cols, ld, f);
   }
 }
 

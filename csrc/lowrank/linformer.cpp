@@ -4,8 +4,9 @@
 // Forward, in fp32 (fp64 for float64 inputs):
 //   1. per (b, h): k0, v0 = k, v with padded rows zeroed (copies only when needed);
 //      kp = E[:, :N] k0, vp = F[:, :N] v0  [r, d] by BLAS;
-//   2. per (b, h, block of queries): S = q kp^T by BLAS, P = softmax(S * scale) row by row
-//      (vectorized exp), out = P vp by BLAS, rounded once to q's dtype.
+//   2. per (b, h, block of queries): S = q kp^T by BLAS, P = exp(S * scale - rowmax) row by row
+//      (vectorized exp, unnormalized), out = (P vp) / rowsum by BLAS then a row scale, rounded
+//      once to q's dtype.
 // Backward recomputes kp, vp and P per (b, h), accumulating gkp and gvp over the query blocks
 // in order; grad_E and grad_F sum over (b, h) in order inside column blocks of N. Work items are
 // cut by the data alone, so the bits never depend on the thread count.
@@ -15,7 +16,8 @@
 namespace mtmerge {
 namespace {
 
-constexpr int64_t kQBlock = 256;    // query rows per block: S [kQBlock, r] stays in L2
+constexpr int64_t kQBlock = 256;    // backward: query rows per block (P and dP [kQBlock, r] stay in L2)
+constexpr int64_t kFwdQBlock = 512; // forward: S [kFwdQBlock, r]; fewer, larger GEMMs measured faster
 constexpr int64_t kColBlock = 512;  // columns of grad_E / grad_F per work item
 
 // src [N, d] in the compute type with the rows where pad[n] is true zeroed (`where`, not a
@@ -65,17 +67,20 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     at::mm_out(kpi, Ec, masked_rows(k[b][h], pad_b, cd, scratch[0].get(cd, N, d)));
     at::mm_out(vpi, Fc, masked_rows(v[b][h], pad_b, cd, scratch[1].get(cd, N, d)));
   });
-  const int64_t nqb = ceil_div(Nq, kQBlock);
+  const int64_t QB = kFwdQBlock;
+  const int64_t nqb = ceil_div(Nq, QB);
   const bool direct = q.scalar_type() == cd;
-  parallel_items<3>(B * H * nqb, [&](int64_t i, Scratch* scratch) {
-    const int64_t bh = i / nqb, b = bh / H, h = bh % H, i0 = (i % nqb) * kQBlock, nb = std::min(kQBlock, Nq - i0);
+  parallel_items<4>(B * H * nqb, [&](int64_t i, Scratch* scratch) {
+    const int64_t bh = i / nqb, b = bh / H, h = bh % H, i0 = (i % nqb) * QB, nb = std::min(QB, Nq - i0);
     const at::Tensor qb = as_compute(q[b][h].narrow(0, i0, nb), cd, scratch[0]);
     at::Tensor S = scratch[1].get(cd, nb, r);
+    acc_t* inv = scratch[3].get(cd, nb, 1).template mutable_data_ptr<acc_t>();
     at::mm_out(S, qb, kp[b][h].t());
-    softmax_rows<acc_t>(S.mutable_data_ptr<acc_t>(), nb, r, r, scale);
+    exp_rows<acc_t>(S.mutable_data_ptr<acc_t>(), nb, r, r, scale, inv);  // unnormalized: O rows get 1/sum
     at::Tensor ob = out[b][h].narrow(0, i0, nb);
     at::Tensor O = direct ? ob : scratch[2].get(cd, nb, d);
     at::mm_out(O, S, vp[b][h]);
+    scale_rows<acc_t>(O.mutable_data_ptr<acc_t>(), nb, d, O.stride(0), inv);
     write_out(ob, O);
   });
   return out;
@@ -106,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor kp = at::empty({B, H, r, d}, at::dtype(cd)), vp = at::empty({B, H, r, d}, at::dtype(cd));
   at::Tensor gkp = at::zeros({B, H, r, d}, at::dtype(cd)), gvp = at::zeros({B, H, r, d}, at::dtype(cd));
 
-  parallel_items<7>(B * H, [&](int64_t i, Scratch* scratch) {
+  const int64_t QB = kQBlock;
+  parallel_items<8>(B * H, [&](int64_t i, Scratch* scratch) {
     const int64_t b = i / H, h = i % H;
     const bool* pad_b = pp == nullptr ? nullptr : pp + b * N;
     const at::Tensor k0i = masked_rows(k[b][h], pad_b, cd, copy_k ? k0[b][h] : at::Tensor());
@@ -114,13 +120,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     at::Tensor kpi = kp[b][h], vpi = vp[b][h], gkpi = gkp[b][h], gvpi = gvp[b][h];
     at::mm_out(kpi, Ec, k0i);
     at::mm_out(vpi, Fc, v0i);
-    for (int64_t i0 = 0; i0 < Nq; i0 += kQBlock) {  // query blocks in order: gkp, gvp sum in a fixed order
-      const int64_t nb = std::min(kQBlock, Nq - i0);
+    for (int64_t i0 = 0; i0 < Nq; i0 += QB) {  // query blocks in order: gkp, gvp sum in a fixed order
+      const int64_t nb = std::min(QB, Nq - i0);
       const at::Tensor qb = as_compute(q[b][h].narrow(0, i0, nb), cd, scratch[0]);
       const at::Tensor gob = as_compute(go[b][h].narrow(0, i0, nb), cd, scratch[1]);
       at::Tensor P = scratch[2].get(cd, nb, r), G = scratch[3].get(cd, nb, r);
       at::mm_out(P, qb, kpi.t());
-      softmax_rows<acc_t>(P.mutable_data_ptr<acc_t>(), nb, r, r, scale);
+      acc_t* inv = scratch[7].get(cd, nb, 1).template mutable_data_ptr<acc_t>();
+      exp_rows<acc_t>(P.mutable_data_ptr<acc_t>(), nb, r, r, scale, inv);
+      scale_rows<acc_t>(P.mutable_data_ptr<acc_t>(), nb, r, r, inv);
       at::mm_out(G, gob, vpi.t());               // dP = dO vp^T
       at::addmm_out(gvpi, gvpi, P.t(), gob);     // gvp += P^T dO
       softmax_grad_rows<acc_t>(P.const_data_ptr<acc_t>(), G.mutable_data_ptr<acc_t>(), nb, r, r, scale);
