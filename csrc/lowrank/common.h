@@ -22,24 +22,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/kernel_checks.h"
 #include "common/simd.h"
 
 namespace mtmerge {
 namespace {
-
-// Kernels run below autograd (the ops' autograd formulas are registered in Python) on detached
-// inputs: the ATen calls inside worker threads never record a graph.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-}
-
-void check_float(const at::Tensor& t, const char* name) {
-  const at::ScalarType st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble, name,
-              " must be float32, bfloat16, float16 or float64, got ", st);
-}
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& like) {
   check_cpu(t, name);

@@ -24,31 +24,13 @@
 
 #include "common/constants.h"
 #include "common/dtype_io.h"
+#include "common/kernel_checks.h"
 #include "common/simd.h"
 
 namespace mtmerge {
 namespace {
 
-// Kernels run below autograd: the ATen ops they call (mm_out, to) must neither record a graph nor
-// refuse out= on inputs that require grad (the op's autograd formula is registered in Python).
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
-
 // ---- checks and small inputs ------------------------------------------------------------------
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-}
-
-void check_float(const at::Tensor& t, const char* name) {
-  const at::ScalarType st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble, name,
-              " must be float32, bfloat16, float16 or float64, got ", st);
-}
-
-void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name, " must be int32 or int64, got ",
-              t.scalar_type());
-}
 
 // The checks every experts kernel repeats (the public wrapper has already validated, with
 // ValueErrors naming its arguments); they guard the kernels' memory accesses.
