@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._shared import FLOAT_DTYPES, block, check_float, mm, pow2, round_to
 from ..merge._common import EXACT, interpreting, store_as
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "store_as",
 ]
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # fp32 dots run in IEEE precision, which Triton lowers to FMA chains unrolled over the whole tile:
 # a 64 x 64 x 64 one takes ~12 s to compile (128 x 64 x 128: minutes). With fp32 (or mixed)
@@ -84,24 +84,6 @@ BMM_CONFIGS = [
 MASK_NONE, MASK_K, MASK_N, MASK_M = 0, 1, 2, 3
 
 
-def pow2(n: int, floor: int = 1) -> int:
-    """The smallest power of two >= max(n, floor)."""
-    return max(triton.next_power_of_2(max(int(n), 1)), floor)
-
-
-def block(gpu: int, interpreter: int) -> int:
-    """A block size: ``gpu`` when compiled, the (smaller) ``interpreter`` one under TRITON_INTERPRET=1."""
-    return interpreter if interpreting() else gpu
-
-
-def check_float(x: Tensor, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be one of {FLOAT_DTYPES}, got {x.dtype}")
-    return x
-
-
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The compute dtype: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -114,38 +96,6 @@ def mask_arg(mask: Tensor | None, like: Tensor) -> tuple[Tensor, int, int]:
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise TypeError(f"mask must be a 2-D bool tensor, got {mask.dtype} with {mask.dim()} dims")
     return mask.view(torch.uint8), mask.stride(0), mask.stride(1)
-
-
-INTERPRETER = tl.constexpr(interpreting())
-
-
-@triton.jit
-def mm(acc, a, b):
-    """acc + a @ b with a and b of one dtype. fp32 in IEEE precision (never TF32); fp64 as a
-    broadcast product (not every Triton has an fp64 tl.dot; fp64 runs small tiles only); bf16 under
-    the interpreter through fp32 (exact products; the interpreter's bf16 dot is wrong)."""
-    if a.dtype == tl.float64:
-        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    elif INTERPRETER and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr):
-    """x rounded to ``dtype`` to nearest even, like torch; bf16 by integer ops (the interpreter's
-    fp32 -> bf16 cast truncates)."""
-    if x.dtype == dtype:
-        return x
-    elif dtype == tl.bfloat16:
-        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        r = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16
-        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit

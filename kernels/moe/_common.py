@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from mtmerge import _constants
 
+from .._shared import FLOAT_DTYPES, block, check_float, mm, pow2, round_to
 from ..merge._common import EXACT, interpreting, store_as
 
 __all__ = [
@@ -30,11 +29,12 @@ __all__ = [
     "gemm_autotune",
     "interpreting",
     "launch_gemm",
+    "mm",
     "pow2",
+    "round_to",
     "store_as",
 ]
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # activation codes (constexpr ACT of the kernels)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
@@ -82,63 +82,13 @@ def gemm_autotune(key: list[str]):
     return triton.heuristics({name: (lambda _args, v=v: v) for name, v in fixed.items()})
 
 
-def pow2(n: int, floor: int = 1) -> int:
-    """The smallest power of two >= max(n, floor)."""
-    return max(triton.next_power_of_2(max(int(n), 1)), floor)
-
-
-def block(gpu: int, interpreter: int) -> int:
-    """A block size: ``gpu`` when compiled, the (smaller) ``interpreter`` one under TRITON_INTERPRET=1."""
-    return interpreter if interpreting() else gpu
-
-
 def activation_code(activation: str) -> int:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     return ACTIVATIONS[activation]
 
 
-def check_float(x: Tensor, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be one of {FLOAT_DTYPES}, got {x.dtype}")
-    return x
-
-
 # ---- device helpers --------------------------------------------------------------------------
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr):
-    """x rounded to ``dtype`` (round to nearest even, like torch). bf16 by integer ops: the
-    interpreter's own fp32 -> bf16 cast truncates."""
-    if x.dtype == dtype:
-        return x
-    elif dtype == tl.bfloat16:
-        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        r = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16
-        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-INTERPRETER = tl.constexpr(interpreting())
-
-
-@triton.jit
-def mm(acc, a, b):
-    """acc + a @ b; fp32 operands in full IEEE precision (no TF32). Under the interpreter, bf16
-    operands go through fp32 (its tl.dot multiplies bf16's raw bits); the products are exact either way."""
-    if a.dtype == tl.float64:
-        # no fp64 tl.dot in every Triton: a broadcast product (fp64 runs with the small tiles of F64_GEMM)
-        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    elif INTERPRETER and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
