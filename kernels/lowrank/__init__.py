@@ -1,6 +1,6 @@
 """Triton kernels of the low-rank attention family (installed as ``mtmerge.kernels.lowrank``).
 
-Each launcher takes its op's schema (``mtmerge/ops/_lowrank_ops.py``, contract in LOWRANK.md) as
+Each launcher takes its op's schema (``mtmerge/ops/_lowrank_ops.py``, contract in docs/lowrank.md) as
 its Python signature, so it is registered directly as the CUDA implementation of
 ``torch.ops.mtmerge.<name>``. Semantics: ``mtmerge/reference/lowrank.py``. Tested on CPU under
 ``TRITON_INTERPRET=1``.

@@ -4,7 +4,7 @@ autograd.
 Walk: public API in ``mtmerge/ops/lowrank.py`` -> these specs -> CPU kernels in
 ``csrc/lowrank/`` (registered by ``csrc/lowrank/bindings.cpp``), GPU kernels in
 ``kernels/lowrank/``, the math in ``mtmerge/reference/lowrank.py``. The schemas are the contract
-of /work/plan/LOWRANK.md; every backend accepts exactly what the fakes accept (the public
+of docs/lowrank.md; every backend accepts exactly what the fakes accept (the public
 wrappers check the data too, e.g. adapter id ranges).
 
 Dtypes every backend may rely on: the float tensors of one op share the dtype of its first

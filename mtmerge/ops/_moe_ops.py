@@ -2,7 +2,7 @@
 
 Walk: public API in ``mtmerge/ops/moe.py`` -> these specs -> CPU kernels in ``csrc/moe/``
 (registered by ``csrc/moe/bindings.cpp``), GPU kernels in ``kernels/moe/``, the math in
-``mtmerge/reference/moe.py``. The schemas are the contract of /work/plan/MOE.md; every backend
+``mtmerge/reference/moe.py``. The schemas are the contract of docs/moe.md; every backend
 accepts exactly what the fakes accept (the public wrappers check the data, e.g. id ranges).
 """
 

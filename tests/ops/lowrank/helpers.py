@@ -1,5 +1,5 @@
 """Shared helpers of the low-rank-family tests: small inputs, and independent oracles of
-LOWRANK.md's semantics written as Python loops in float64 (they share no code with
+docs/lowrank.md's semantics written as Python loops in float64 (they share no code with
 ``mtmerge.reference.lowrank``, so a test that compares the two can fail).
 
 Shapes stay small: the Triton interpreter and gradcheck are slow.
@@ -19,7 +19,7 @@ CUDA = torch.cuda.is_available()
 # devices the public API and opcheck are run on (the C++ kernels on CPU, Triton on CUDA)
 DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
 TRITON_DEVICE = "cuda" if CUDA else "cpu"
-# LOWRANK.md: fp32 1e-5 (GEMM-like reductions 1e-4), bf16 2e-2; fp16 in between
+# docs/lowrank.md: fp32 1e-5 (GEMM-like reductions 1e-4), bf16 2e-2; fp16 in between
 TOLERANCES = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-5},
     torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
@@ -107,7 +107,7 @@ def grads_on(kwargs: dict, names) -> dict:
             for k, v in kwargs.items()}
 
 
-# ---- oracles: LOWRANK.md's text as loops, in float64 ----------------------------------------------
+# ---- oracles: docs/lowrank.md's text as loops, in float64 ----------------------------------------------
 
 
 def _dot(a: list[float], b: list[float]) -> float:
@@ -198,7 +198,7 @@ def assert_same(got: Tensor, want: Tensor) -> None:
 
 
 def assert_close(got: Tensor, want: Tensor, dtype: torch.dtype, *, gemm: bool = False) -> None:
-    """Within LOWRANK.md's tolerance for inputs of ``dtype`` (compared in float64)."""
+    """Within docs/lowrank.md's tolerance for inputs of ``dtype`` (compared in float64)."""
     assert tuple(got.shape) == tuple(want.shape), (tuple(got.shape), tuple(want.shape))
     tol = (GEMM_TOLERANCES if gemm else TOLERANCES)[dtype]
     torch.testing.assert_close(got.double().cpu(), want.double().cpu(), **tol)

@@ -1,7 +1,7 @@
 """``torch.library.opcheck`` on every op of the low-rank family (schema, fake/meta, autograd
 registration), on CPU (the C++ kernels) and on CUDA (Triton) when a GPU is present; each op on
 the same argument sets against its reference; the public wrappers as thin layers over the ops,
-keeping LOWRANK.md's invariants (padding changes nothing, fully masked rows give zeros, fp16 x100
+keeping docs/lowrank.md's invariants (padding changes nothing, fully masked rows give zeros, fp16 x100
 stays finite) on the kernels too."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _input_dtype(kwargs: dict) -> torch.dtype:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(lowrank_op_names()))
 def test_op_matches_the_reference(name, device):
-    """Within LOWRANK.md's tolerance (GEMM-like reductions: 1e-4 in fp32), outputs and grads alike."""
+    """Within docs/lowrank.md's tolerance (GEMM-like reductions: 1e-4 in fp32), outputs and grads alike."""
     for kwargs, got, want in checks.op_and_reference_outputs(name, ref, op_cases(device)[name]):
         dtype = _input_dtype(kwargs)
         for g, w in zip(got, want, strict=True):

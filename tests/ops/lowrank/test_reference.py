@@ -1,5 +1,5 @@
-"""The low-rank reference (``mtmerge/reference/lowrank.py``) against LOWRANK.md's text, written
-independently as loops (tests/ops/lowrank/helpers.py), and the invariants LOWRANK.md promises:
+"""The low-rank reference (``mtmerge/reference/lowrank.py``) against docs/lowrank.md's text, written
+independently as loops (tests/ops/lowrank/helpers.py), and the invariants docs/lowrank.md promises:
 Linformer with ``r = N`` and ``E = F = I`` is plain attention; padded positions change nothing;
 fully masked rows give zeros, not NaN; fp16 inputs scaled x100 stay finite; ``multi_lora`` is a
 per-adapter loop where id -1 adds nothing; LAMA's attention rows sum to 1 over the real tokens;

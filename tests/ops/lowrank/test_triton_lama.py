@@ -1,5 +1,5 @@
 """The Triton launchers ``mtmerge.kernels.lowrank.lama_pool`` and ``lama_pool_backward`` against
-the reference (LOWRANK.md tolerances: fp32 1e-5, gradients 1e-4, bf16 2e-2; attn is fp32 for every
+the reference (docs/lowrank.md tolerances: fp32 1e-5, gradients 1e-4, bf16 2e-2; attn is fp32 for every
 input dtype and is held to the fp32 tolerance): odd sizes crossing the tile and head-block
 boundaries, masks with fully masked rows, the mean context and a given one, strided inputs, empty
 shapes, and run-to-run determinism."""

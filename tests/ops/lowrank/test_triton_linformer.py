@@ -1,7 +1,7 @@
 """The Triton launchers ``mtmerge.kernels.lowrank.linformer_attention`` and
-``linformer_attention_backward`` against the reference (LOWRANK.md tolerances: fp32 1e-5, GEMM-like
+``linformer_attention_backward`` against the reference (docs/lowrank.md tolerances: fp32 1e-5, GEMM-like
 gradients 1e-4, bf16 2e-2): odd sizes, Nq != N, N < Nmax and r > N, masks with fully padded rows
-(NaN in the padded keys and values), strided inputs, the invariants of LOWRANK.md (identity
+(NaN in the padded keys and values), strided inputs, the invariants of docs/lowrank.md (identity
 projections equal SDPA, padding changes nothing, fp16 x100 stays finite) and the non-causal
 backward, where public Triton attention kernels have failed."""
 

@@ -1,5 +1,5 @@
 """The Triton launchers ``mtmerge.kernels.lowrank.multi_lora`` and ``multi_lora_backward`` against
-the reference (LOWRANK.md tolerances: fp32 1e-4 for these GEMMs, bf16 2e-2): odd sizes, ranks 1 to
+the reference (docs/lowrank.md tolerances: fp32 1e-4 for these GEMMs, bf16 2e-2): odd sizes, ranks 1 to
 16, int32/int64 ids with -1 and out-of-range ids, with and without base, strided inputs, the sorted
 and the small-batch (DIRECT) paths, empty shapes, and run-to-run determinism."""
 

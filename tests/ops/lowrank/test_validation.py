@@ -149,6 +149,6 @@ _DIRECT = """
 @pytest.mark.parametrize("op", ["multi_lora", "multi_lora_backward"])
 def test_kernels_survive_out_of_range_ids(op):
     """The C++ kernel called directly (no wrapper) with adapter ids 1000, 2**40, -7 and L = 3: the
-    process ends normally: the ids are treated as -1 (LOWRANK.md) or a Python exception is raised,
+    process ends normally: the ids are treated as -1 (docs/lowrank.md) or a Python exception is raised,
     never a signal."""
     checks.check_kernel_survives_out_of_range_ids(_DIRECT, op, "TREATED_AS_MINUS_ONE")

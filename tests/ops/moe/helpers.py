@@ -1,4 +1,4 @@
-"""Shared helpers of the MoE-family tests: small inputs, and independent oracles of MOE.md's
+"""Shared helpers of the MoE-family tests: small inputs, and independent oracles of docs/moe.md's
 semantics written as per-token Python loops (they share no code with ``mtmerge.reference.moe``,
 so a test that compares the two can fail).
 
@@ -20,7 +20,7 @@ CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
 TRITON_DEVICE = "cuda" if CUDA else "cpu"
 ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "relu", "gpt_oss"]
-# GEMM-like reductions (moe_experts and its backward), per MOE.md
+# GEMM-like reductions (moe_experts and its backward), per docs/moe.md
 EXPERT_TOLERANCES = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
     torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
@@ -109,7 +109,7 @@ def record_moe_experts(monkeypatch, module) -> list[tuple]:
     return seen
 
 
-# ---- oracles: MOE.md's text as per-token loops, in float64 ---------------------------------------
+# ---- oracles: docs/moe.md's text as per-token loops, in float64 ---------------------------------------
 
 
 def oracle_topk(logits: Tensor, k: int, scoring: str, renormalize: bool, bias: Tensor | None = None):
@@ -181,7 +181,7 @@ def _act(z: float, activation: str) -> float:
 
 
 def oracle_glu(h: list[float], activation: str) -> list[float]:
-    """``a [F]`` from ``h [2F]`` by MOE.md's text."""
+    """``a [F]`` from ``h [2F]`` by docs/moe.md's text."""
     f = len(h) // 2
     if activation == "gpt_oss":
         out = []
@@ -196,7 +196,7 @@ def oracle_experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, id
                    gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None,
                    round_to: torch.dtype | None = None) -> Tensor:
     """float64 ``[T, H]``: a loop over tokens and slots; ``a`` is rounded to ``round_to``
-    (x's dtype, as MOE.md says) when given."""
+    (x's dtype, as docs/moe.md says) when given."""
     round_to = x.dtype if round_to is None else round_to
     num_experts = gate_up.shape[0]
     xd, gu, dn, w = x.double(), gate_up.double(), down.double(), weights.double()

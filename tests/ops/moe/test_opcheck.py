@@ -42,7 +42,7 @@ def test_fake_matches_the_cpu_output(name):
 
 def _assert_matches_reference(name, got, want, dtype):
     """ids and permutations bit for bit; gate weights within 1e-6; GEMM-like results within the
-    per-dtype tolerance of MOE.md."""
+    per-dtype tolerance of docs/moe.md."""
     for g, w in zip(got, want, strict=True):
         assert (g.dtype, tuple(g.shape)) == (w.dtype, tuple(w.shape)), name
         if not g.dtype.is_floating_point:

@@ -1,5 +1,5 @@
-"""The MoE reference (``mtmerge/reference/moe.py``) against MOE.md's text, written independently
-as per-token loops (tests/ops/moe/helpers.py), and the invariants MOE.md promises: ties to the
+"""The MoE reference (``mtmerge/reference/moe.py``) against docs/moe.md's text, written independently
+as per-token loops (tests/ops/moe/helpers.py), and the invariants docs/moe.md promises: ties to the
 lower expert index, the bias moves only the ids, empty shapes, unrouted slots, the stable order of
 ``moe_align`` and its drop counts, every activation on strided weights, and the hand-written
 experts backward against ``torch.autograd`` on the forward reference. No kernel runs here."""

@@ -1,5 +1,5 @@
 """The Triton experts launchers (``mtmerge.kernels.moe.moe_experts`` and
-``moe_experts_backward``) against the reference, with the GEMM tolerances of MOE.md (fp32 1e-4,
+``moe_experts_backward``) against the reference, with the GEMM tolerances of docs/moe.md (fp32 1e-4,
 bf16 2e-2, fp16 1e-2): every activation, biases, transposed (strided) weights, int32/int64 ids
 with -1 and out-of-range ids, odd sizes, the sorted and the small-batch (DIRECT) paths, empty
 shapes, and run-to-run determinism."""

@@ -166,5 +166,5 @@ _DIRECT = """
 @pytest.mark.parametrize("op", ["moe_experts", "moe_align", "moe_experts_backward", "moe_load_balancing_loss"])
 def test_kernels_survive_out_of_range_ids(op):
     """The C++ kernel called directly (no wrapper) with ids 1000, 2**40, -7: the process ends
-    normally: the ids are treated as -1 (MOE.md) or a Python exception is raised, never a signal."""
+    normally: the ids are treated as -1 (docs/moe.md) or a Python exception is raised, never a signal."""
     checks.check_kernel_survives_out_of_range_ids(_DIRECT, op, "TREATED_AS_UNROUTED")
