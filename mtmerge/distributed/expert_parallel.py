@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from mtmerge.nn._init import add_expert_parameters, generator_for, positive_int
 from mtmerge.nn.moe import ACTIVATIONS, SCORINGS, MoEFeedForward, MoEOutput
 from mtmerge.ops.moe import load_balancing_loss, moe_experts, moe_topk_gate, router_z_loss
 
@@ -146,8 +147,7 @@ class ExpertParallelMoE(nn.Module):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE needs torch.distributed initialized (init_process_group)")
         for name, value in (("hidden", hidden), ("ffn", ffn), ("num_experts", num_experts), ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(value, name)
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts={num_experts}, got {top_k}")
         if activation not in ACTIVATIONS:
@@ -163,17 +163,8 @@ class ExpertParallelMoE(nn.Module):
         self.local_experts = num_experts // self.world_size
         self.expert_offset = self.rank * self.local_experts
         self.activation, self.scoring, self.renormalize = activation, scoring, bool(renormalize)
-        factory = {"device": device, "dtype": dtype}
-        n = self.local_experts
-        self.router = nn.Parameter(torch.empty(num_experts, hidden, **factory))
-        self.gate_up = nn.Parameter(torch.empty(n, 2 * ffn, hidden, **factory))
-        self.down = nn.Parameter(torch.empty(n, hidden, ffn, **factory))
-        if bias:
-            self.gate_up_bias = nn.Parameter(torch.empty(n, 2 * ffn, **factory))
-            self.down_bias = nn.Parameter(torch.empty(n, hidden, **factory))
-        else:
-            self.register_parameter("gate_up_bias", None)
-            self.register_parameter("down_bias", None)
+        self.router = nn.Parameter(torch.empty(num_experts, hidden, device=device, dtype=dtype))
+        add_expert_parameters(self, self.local_experts, hidden, ffn, bias, device, dtype)
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -186,7 +177,7 @@ class ExpertParallelMoE(nn.Module):
         equals ``MoEFeedForward(..., seed=seed)``'s shards on every rank. Without, torch's
         global RNG draws them and the router is broadcast from the group's first rank.
         """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = generator_for(seed, None)
         shard = slice(self.expert_offset, self.expert_offset + self.local_experts)
         in_bound, ffn_bound = 1.0 / math.sqrt(self.hidden), 1.0 / math.sqrt(self.ffn)
         full_shapes = {"router": (self.num_experts, self.hidden),

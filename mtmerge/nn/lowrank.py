@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from mtmerge.nn._init import positive_int, uniform_
+from mtmerge.nn._init import generator_for, positive_int, uniform_
 from mtmerge.ops.lowrank import LamaOutput, lama_pool, linformer_attention
 
 __all__ = ["LAMAPooling", "LamaOutput", "LinformerSelfAttention"]
@@ -38,21 +38,10 @@ def _reset_linear(linear: nn.Linear, generator: torch.Generator | None) -> None:
     uniform_(linear.bias, bound, generator)
 
 
-class _Seeded(nn.Module):
-    """A ``seed`` attribute and the generator it stands for."""
-
-    seed: int | None
-
-    def _generator(self, generator: torch.Generator | None) -> torch.Generator | None:
-        if generator is None and self.seed is not None:
-            generator = torch.Generator().manual_seed(self.seed)
-        return generator
-
-
 # ---- LAMA pooling ---------------------------------------------------------------------------------
 
 
-class LAMAPooling(_Seeded):
+class LAMAPooling(nn.Module):
     """LAMA attention pooling: ``m`` heads, each a rank-1 bilinear affinity between a global
     context vector ``c`` and the tokens, pool ``h [B, T, D]`` into ``[B, m, D]``.
 
@@ -90,7 +79,7 @@ class LAMAPooling(_Seeded):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Re-initialize ``P`` and ``Q`` (``generator``, else the layer's ``seed``, else torch's RNG)."""
-        generator = self._generator(generator)
+        generator = generator_for(self.seed, generator)
         bound = 1.0 / math.sqrt(self.dim)
         uniform_(self.P, bound, generator)
         uniform_(self.Q, bound, generator)
@@ -122,7 +111,7 @@ class LAMAPooling(_Seeded):
 # ---- Linformer self-attention ---------------------------------------------------------------------
 
 
-class LinformerSelfAttention(_Seeded):
+class LinformerSelfAttention(nn.Module):
     """Linformer self-attention (Wang et al., 2020): keys and values projected along the sequence
     to ``k`` rows by ``E`` and ``F``, so attention costs ``O(N k)`` instead of ``O(N^2)``.
 
@@ -207,7 +196,7 @@ class LinformerSelfAttention(_Seeded):
         """Re-initialize every parameter (``generator``, else the layer's ``seed``, else torch's
         RNG): ``nn.Linear``'s default bounds for the projections, ``E`` and ``F`` as
         ``nn.Linear(seq_len, k)`` weights."""
-        generator = self._generator(generator)
+        generator = generator_for(self.seed, generator)
         for linear in (self.to_q, self.to_k, self.to_v, self.to_out):
             _reset_linear(linear, generator)
         bound = 1.0 / math.sqrt(self.seq_len)

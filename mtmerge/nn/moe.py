@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mtmerge.nn._init import positive_int, uniform_
+from mtmerge.nn._init import add_expert_parameters, generator_for, positive_int, uniform_
 from mtmerge.ops.moe import load_balancing_loss, moe_experts, moe_task_gate, moe_topk_gate, router_z_loss
 
 __all__ = ["MoEFeedForward", "MoEOutput", "TaskMoE", "default_task_experts"]
@@ -92,20 +92,7 @@ class _ExpertBank(nn.Module):
         self.scoring = scoring
         self.renormalize = bool(renormalize)
         self.seed = seed
-        factory = {"device": device, "dtype": dtype}
-        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden, **factory))
-        self.down = nn.Parameter(torch.empty(num_experts, hidden, ffn, **factory))
-        if bias:
-            self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * ffn, **factory))
-            self.down_bias = nn.Parameter(torch.empty(num_experts, hidden, **factory))
-        else:
-            self.register_parameter("gate_up_bias", None)
-            self.register_parameter("down_bias", None)
-
-    def _generator(self, generator: torch.Generator | None) -> torch.Generator | None:
-        if generator is None and self.seed is not None:
-            generator = torch.Generator().manual_seed(self.seed)
-        return generator
+        add_expert_parameters(self, num_experts, hidden, ffn, bias, device, dtype)
 
     def _reset_experts(self, generator: torch.Generator | None) -> None:
         """nn.Linear's default bounds per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
@@ -200,7 +187,7 @@ class MoEFeedForward(_ExpertBank):
         The router as ``nn.Linear(H, E)``: U(-1/sqrt(H), 1/sqrt(H)); the experts likewise per
         projection (fan-in ``H`` for ``gate_up``, ``F`` for ``down``).
         """
-        generator = self._generator(generator)
+        generator = generator_for(self.seed, generator)
         uniform_(self.router, 1.0 / math.sqrt(self.hidden), generator)
         self._reset_experts(generator)
 
@@ -306,7 +293,7 @@ class TaskMoE(_ExpertBank):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Re-initialize every parameter (``generator``, else the layer's ``seed``, else torch's RNG);
         each task's router as ``nn.Linear(H, E)``, the experts as in :class:`MoEFeedForward`."""
-        generator = self._generator(generator)
+        generator = generator_for(self.seed, generator)
         uniform_(self.router, 1.0 / math.sqrt(self.hidden), generator)
         self._reset_experts(generator)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mtmerge.nn._init import positive_int, uniform_
+from mtmerge.nn._init import generator_for, positive_int, uniform_
 from mtmerge.ops.lowrank import multi_lora
 
 __all__ = ["MultiLoRALinear"]
@@ -133,15 +133,10 @@ class MultiLoRALinear(nn.Module):
                 p.requires_grad_(False)
         self.reset_parameters()
 
-    def _generator(self, generator: torch.Generator | None) -> torch.Generator | None:
-        if generator is None and self.seed is not None:
-            generator = torch.Generator().manual_seed(self.seed)
-        return generator
-
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Re-initialize the adapters as PEFT does (``generator``, else ``seed``, else torch's
         RNG): ``A`` ~ U(-1/sqrt(in), 1/sqrt(in)), ``B = 0``. The base layer is left alone."""
-        generator = self._generator(generator)
+        generator = generator_for(self.seed, generator)
         bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
         for A, B in ((self.lora_A, self.lora_B), (self.shared_A, self.shared_B)):
             uniform_(A, bound, generator)
