@@ -22,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/kernel_checks.h"
+#include "common/kernel_common.h"
 #include "common/simd.h"
 
 namespace mtmerge {
@@ -43,16 +43,6 @@ void check_mask(const std::optional<at::Tensor>& mask, const char* name, int64_t
 }
 
 at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
-
-// A reusable buffer: get() returns a contiguous [rows, cols] tensor, reallocating only to grow.
-struct Scratch {
-  at::Tensor t;
-  at::Tensor get(at::ScalarType st, int64_t rows, int64_t cols) {
-    const int64_t n = rows * cols;
-    if (!t.defined() || t.scalar_type() != st || t.numel() < n) t = at::empty({std::max<int64_t>(n, 1)}, at::dtype(st));
-    return t.narrow(0, 0, n).view({rows, cols});
-  }
-};
 
 // `src` ([rows, cols], any dtype and strides) in the compute type, contiguous: src itself when it
 // already is, else converted into `buf` (ATen's copy_ rounds nothing: widening only).

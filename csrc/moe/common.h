@@ -24,7 +24,7 @@
 
 #include "common/constants.h"
 #include "common/dtype_io.h"
-#include "common/kernel_checks.h"
+#include "common/kernel_common.h"
 #include "common/simd.h"
 
 namespace mtmerge {
@@ -157,16 +157,6 @@ SlotGroups group_slots(const int64_t* ids, int64_t n, int64_t num_experts) {
 }
 
 // ---- work items on threads ---------------------------------------------------------------------
-
-// A growable scratch buffer of one dtype, reused by the items a thread runs.
-struct Scratch {
-  at::Tensor t;
-  at::Tensor get(at::ScalarType st, int64_t rows, int64_t cols) {
-    const int64_t n = rows * cols;
-    if (!t.defined() || t.scalar_type() != st || t.numel() < n) t = at::empty({std::max<int64_t>(n, 1)}, at::dtype(st));
-    return t.narrow(0, 0, n).view({rows, cols});
-  }
-};
 
 // Runs body(item, scratch) for items 0..cost.size()-1: each thread takes one contiguous run of
 // items of about equal total cost and one set of scratch buffers. GEMMs inside run single-

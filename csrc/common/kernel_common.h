@@ -1,10 +1,14 @@
-// The defensive checks the MoE and low-rank CPU kernels share (the public wrappers have already
-// validated, with errors naming their arguments; these guard the kernels' memory accesses), and
-// the guard every kernel runs under.
+// What the MoE and low-rank CPU kernels share: their defensive checks (the public wrappers have
+// already validated, with errors naming their arguments; these guard the kernels' memory
+// accesses), the guard every kernel runs under, and a reusable scratch buffer.
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
 
 namespace mtmerge {
 namespace {
@@ -28,6 +32,17 @@ void check_index(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name, " must be int32 or int64, got ",
               t.scalar_type());
 }
+
+// A growable scratch buffer of one dtype: get() returns a contiguous [rows, cols] tensor,
+// reallocating only to grow; reused by the work items a thread runs.
+struct Scratch {
+  at::Tensor t;
+  at::Tensor get(at::ScalarType st, int64_t rows, int64_t cols) {
+    const int64_t n = rows * cols;
+    if (!t.defined() || t.scalar_type() != st || t.numel() < n) t = at::empty({std::max<int64_t>(n, 1)}, at::dtype(st));
+    return t.narrow(0, 0, n).view({rows, cols});
+  }
+};
 
 }  // namespace
 }  // namespace mtmerge
