@@ -253,3 +253,22 @@ def op_cases(device="cpu") -> dict[str, list[dict]]:
         ],
     }
     return {name: [to_device(kwargs, device) for kwargs in variants] for name, variants in cases.items()}
+
+
+def assert_launcher_matches_reference(op: str) -> None:
+    """The shared argument sets of the op tests (:func:`op_cases`) through ``op``'s Triton launcher
+    (compiled on a GPU, interpreted on CPU), against the reference: same dtypes, values within
+    :func:`assert_close`'s GEMM tolerance."""
+    from mtmerge.kernels import lowrank as launchers
+
+    from mtmerge.reference import lowrank as ref
+
+    for kwargs in op_cases()[op]:
+        kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        dtype = next(v.dtype for k, v in kwargs.items() if k in ("h", "q", "x"))
+        got = getattr(launchers, op)(**to_device(kwargs, TRITON_DEVICE))
+        want = getattr(ref, op)(**kwargs)
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype
+            assert_close(g, w, dtype, gemm=True)

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from mtmerge.reference import lowrank as ref
-from tests.ops.lowrank.helpers import TRITON_DEVICE, assert_close, make_lama, op_cases, oracle_lama, randn
+from tests.ops.lowrank.helpers import (
+    TRITON_DEVICE,
+    assert_close,
+    assert_launcher_matches_reference,
+    make_lama,
+    oracle_lama,
+    randn,
+)
 
 pytestmark = pytest.mark.usefixtures("triton_kernels")
 
@@ -152,15 +159,7 @@ def test_deterministic():
 @pytest.mark.parametrize("op", ['lama_pool', 'lama_pool_backward'])
 def test_op_cases(op):
     """The shared argument sets of the op tests (helpers.op_cases) through the launcher."""
-    for kwargs in op_cases()[op]:
-        kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        dtype = next(v.dtype for k, v in kwargs.items() if k in ("h", "q", "x"))
-        got = getattr(kernels(), op)(**on_device(kwargs))
-        want = getattr(ref, op)(**kwargs)
-        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
-        for g, w in zip(got, want, strict=True):
-            assert g.dtype == w.dtype
-            assert_close(g, w, dtype, gemm=True)
+    assert_launcher_matches_reference(op)
 
 
 def test_small_activations_keep_precision():

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from mtmerge.reference import lowrank as ref
-from tests.ops.lowrank.helpers import TRITON_DEVICE, assert_close, make_linformer, op_cases, oracle_linformer, randn
+from tests.ops.lowrank.helpers import (
+    TRITON_DEVICE,
+    assert_close,
+    assert_launcher_matches_reference,
+    make_linformer,
+    oracle_linformer,
+    randn,
+)
 
 pytestmark = pytest.mark.usefixtures("triton_kernels")
 
@@ -198,12 +205,4 @@ def test_deterministic():
 @pytest.mark.parametrize("op", ['linformer_attention', 'linformer_attention_backward'])
 def test_op_cases(op):
     """The shared argument sets of the op tests (helpers.op_cases) through the launcher."""
-    for kwargs in op_cases()[op]:
-        kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        dtype = next(v.dtype for k, v in kwargs.items() if k in ("h", "q", "x"))
-        got = getattr(kernels(), op)(**on_device(kwargs))
-        want = getattr(ref, op)(**kwargs)
-        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
-        for g, w in zip(got, want, strict=True):
-            assert g.dtype == w.dtype
-            assert_close(g, w, dtype, gemm=True)
+    assert_launcher_matches_reference(op)
